@@ -1,0 +1,134 @@
+"""The DICOM acceptor: one pynetdicom AE listening for the node's AE titles.
+
+pynetdicom's switches are module-level; :func:`configure_pynetdicom` sets the
+ones the node relies on, once per process, before the AE exists:
+
+* received data sets are streamed to a file in ``incoming/`` instead of being
+  decoded in memory (bounded memory for large mammograms; no parse on receipt);
+* presentation contexts of private or unknown storage SOP classes are accepted
+  when ``dicom.accept_private_sop_classes`` is on (vendor mammography objects).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from pydicom import uid
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.access import AccessPolicy
+from node.handlers import handle_association_event, handle_association_requested, handle_store
+from node.ingest import Ingestor
+from node.settings import DicomSettings
+
+log = logging.getLogger(__name__)
+
+# Accepted as sent; the node never transcodes on receipt.
+STORAGE_TRANSFER_SYNTAXES: list[str] = [
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    uid.RLELossless,
+    uid.MPEG2MPML,
+    uid.MPEG2MPHL,
+    uid.MPEG4HP41,
+    uid.MPEG4HP41BD,
+    uid.HEVCMP51,
+]
+
+
+def configure_pynetdicom(incoming_dir: Path, *, accept_private_sop_classes: bool) -> str | None:
+    """Set pynetdicom's switches for this process; return the previous temp dir to restore."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = accept_private_sop_classes
+    # pynetdicom creates its receive files with tempfile; keep them on the data disk
+    # so that placing one is a rename, not a copy.
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(incoming_dir)
+    return previous
+
+
+class Acceptor:
+    """Listens on ``dicom.bind:dicom.port`` and serves associations until stopped."""
+
+    def __init__(self, settings: DicomSettings, ingestor: Ingestor) -> None:
+        self._settings = settings
+        self._ingestor = ingestor
+        self._policy = AccessPolicy(settings.calling_aes(), {settings.ae_title, settings.similar_ae_title})
+        self._ae = self._build_ae()
+        self._server: ThreadedAssociationServer | None = None
+
+    def _build_ae(self) -> AE:
+        s = self._settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.require_called_aet = False  # checked by the access policy: two titles, one port
+        ae.add_supported_context(Verification, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(str(context.abstract_syntax), STORAGE_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> tuple[str, int]:
+        """Start listening in background threads; return the bound address."""
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_REQUESTED, handle_association_requested, [self._policy]),
+            (evt.EVT_C_STORE, handle_store, [self._ingestor]),
+            (evt.EVT_ACCEPTED, handle_association_event),
+            (evt.EVT_RELEASED, handle_association_event),
+            (evt.EVT_ABORTED, handle_association_event),
+        ]
+        self._server = self._ae.start_server(
+            (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
+        )
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        log.info(
+            "listening on %s:%s as %s (similarity: %s)",
+            host,
+            port,
+            self._settings.ae_title,
+            self._settings.similar_ae_title,
+        )
+        return str(host), int(port)
+
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop(self, timeout: float) -> bool:
+        """Stop listening, let associations in flight finish for up to ``timeout`` seconds,
+        then abort the rest. Returns True when none had to be aborted."""
+        if self._server is None:
+            return True
+        server, self._server = self._server, None
+        server.shutdown()
+        deadline = time.monotonic() + timeout
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = len(server.active_associations)
+        if remaining:
+            log.warning("aborting %d association(s) still open after %.0f s", remaining, timeout)
+        self._ae.shutdown()
+        return remaining == 0

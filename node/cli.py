@@ -1,0 +1,81 @@
+"""The ``precedent`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from node.catalog.database import CatalogConfigError, connect, upgrade_schema
+from node.errors import CatalogUnavailable
+from node.logs import configure_logging
+from node.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    help="Precedent: a DICOM AI node for breast imaging.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Catalog database administration.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (see config/precedent.toml)."),
+]
+CONFIG_EXIT = 2
+RUNTIME_EXIT = 1
+
+_err = Console(stderr=True)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        _err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(CONFIG_EXIT) from None
+    configure_logging(settings.logging.level)
+    return settings
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: receive, store and catalogue images until SIGTERM."""
+    from node.service import serve_until_signalled
+
+    settings = _settings(config)
+    try:
+        serve_until_signalled(settings)
+    except CatalogConfigError as exc:
+        _err.print(f"[red]configuration error: {exc}[/red]", highlight=False)
+        raise typer.Exit(CONFIG_EXIT) from None
+    except CatalogUnavailable as exc:
+        _err.print(f"[red]{exc}[/red]", highlight=False)
+        raise typer.Exit(RUNTIME_EXIT) from None
+    except OSError as exc:
+        _err.print(f"[red]cannot start: {exc}[/red]", highlight=False)
+        raise typer.Exit(RUNTIME_EXIT) from None
+
+
+@app.command("config")
+def show_config(config: ConfigOption = None) -> None:
+    """Print the effective settings (defaults, file and environment merged) as JSON."""
+    settings = _settings(config)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Create or migrate the catalog schema (``serve`` also does this at start-up)."""
+    settings = _settings(config)
+    try:
+        engine = connect(settings.catalog_url())
+        upgrade_schema(engine)
+    except CatalogConfigError as exc:
+        _err.print(f"[red]configuration error: {exc}[/red]", highlight=False)
+        raise typer.Exit(CONFIG_EXIT) from None
+    print("catalog schema is up to date")

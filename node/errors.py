@@ -1,0 +1,33 @@
+"""Why an instance could not be taken in.
+
+Deeper layers raise these with a human reason; only the network edge
+(:mod:`node.handlers`) turns them into DIMSE statuses.
+"""
+
+
+class IngestError(Exception):
+    """An instance was refused; ``str(exc)`` says why, without patient data."""
+
+
+class UnreadableDataset(IngestError):
+    """The bytes are not a complete, parseable DICOM data set."""
+
+
+class InvalidIdentifier(IngestError):
+    """A required UID is missing or is not a UID."""
+
+
+class DatasetMismatch(IngestError):
+    """The data set is not the instance the request announced."""
+
+
+class InstanceTooLarge(IngestError):
+    """The instance exceeds ``dicom.max_instance_bytes``."""
+
+
+class StorageUnavailable(IngestError):
+    """The data directory cannot take the file now (full, unwritable, missing)."""
+
+
+class CatalogUnavailable(IngestError):
+    """The catalog database cannot record the instance now."""

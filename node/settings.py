@@ -1,0 +1,230 @@
+"""The one typed settings object of Precedent.
+
+Values come, in rising priority, from the embedded defaults below, a TOML file
+(`config/precedent.toml` documents every key), and environment variables named
+``PRECEDENT_<SECTION>__<KEY>``. Key names are part of the product's interface:
+sites keep their files across versions, so keys are added, never renamed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles are 1-16 characters of the default repertoire, no backslash (PS3.5 6.2)."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title must not be empty")
+    if len(value) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {value!r} has {len(value)}")
+    if "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ValueError(f"{value!r} holds a backslash or a character outside printable ASCII")
+    return stripped
+
+
+def _check_pdu_size(value: int) -> int:
+    if value != 0 and not 4096 <= value <= 2**32 - 1:
+        raise ValueError("max_pdu is 0 (no limit) or 4096 to 4294967295 bytes")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CallingAE(_Section):
+    """One allowlist entry: an AE title, optionally tied to the host it must come from."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, entry: str) -> CallingAE:
+        """Read ``AET`` or ``AET@host`` (host: an IP address or a network in CIDR form)."""
+        title, _, host = entry.partition("@")
+        if host:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r}: {host!r} is not an IP address or network") from exc
+        return cls(ae_title=title, host=host or None)
+
+    def admits(self, ae_title: str, address: str) -> bool:
+        if ae_title.strip() != self.ae_title:
+            return False
+        if self.host is None:
+            return True
+        return ipaddress.ip_address(address) in ipaddress.ip_network(self.host, strict=False)
+
+
+def _parse_calling_aes(entries: list[str]) -> list[str]:
+    for entry in entries:
+        CallingAE.parse(entry)
+    return entries
+
+
+class DicomSettings(_Section):
+    ae_title: AETitle = "PRECEDENT"
+    port: Port = 11112
+    bind: str = "0.0.0.0"
+    similar_ae_title: AETitle = "PRECEDENT_SIM"
+    allowed_calling_aets: Annotated[list[str], AfterValidator(_parse_calling_aes)] = []
+    max_associations: int = Field(16, ge=1, le=1000)
+    max_pdu: Annotated[int, AfterValidator(_check_pdu_size)] = 131072
+    max_instance_bytes: int = Field(2 * 1024**3, ge=1024)
+    accept_private_sop_classes: bool = True
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(120.0, gt=0)
+    shutdown_timeout: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _distinct_titles(self) -> DicomSettings:
+        if self.ae_title == self.similar_ae_title:
+            raise ValueError("ae_title and similar_ae_title must differ")
+        return self
+
+    def calling_aes(self) -> list[CallingAE]:
+        return [CallingAE.parse(entry) for entry in self.allowed_calling_aets]
+
+
+class StorageSettings(_Section):
+    data_dir: Path = Path("precedent-data")
+    on_duplicate: Literal["keep", "replace"] = "keep"
+    fsync: bool = True
+    min_free_bytes: int = Field(512 * 1024**2, ge=0)
+
+
+class CatalogSettings(_Section):
+    url: str = ""
+
+
+class QueueSettings(_Section):
+    broker_url: str = ""
+
+
+class StudySettings(_Section):
+    stable_seconds: float = Field(60.0, ge=0)
+
+
+class ModelSettings(_Section):
+    bundle: Path | None = None
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Destination(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    ae_title: AETitle
+    host: Annotated[str, Field(min_length=1)]
+    port: Port
+
+
+class Settings(BaseSettings):
+    """Everything a Precedent process may be told; built by :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PRECEDENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    dicom: DicomSettings = DicomSettings()
+    storage: StorageSettings = StorageSettings()
+    catalog: CatalogSettings = CatalogSettings()
+    queue: QueueSettings = QueueSettings()
+    study: StudySettings = StudySettings()
+    model: ModelSettings = ModelSettings()
+    logging: LoggingSettings = LoggingSettings()
+    destinations: list[Destination] = []
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destination names must be unique: {', '.join(duplicated)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment overrides the file, which arrives as init arguments."""
+        return (env_settings, init_settings)
+
+    def catalog_url(self) -> str:
+        """The configured catalog URL, or a SQLite file inside the data directory."""
+        if self.catalog.url:
+            return self.catalog.url
+        return f"sqlite:///{(self.storage.data_dir / 'catalog.sqlite3').resolve()}"
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Build the settings from defaults, an optional TOML file and the environment.
+
+    Raises :class:`ConfigError` with one line per problem, each naming its key.
+    """
+    values = _read_toml(config_file) if config_file is not None else {}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        origin = f" in {config_file}" if config_file is not None else ""
+        lines = [f"configuration error{origin} (or PRECEDENT_* environment):"]
+        lines += [f"  {_key_name(err['loc'])}: {_describe(err)}" for err in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _read_toml(config_file: Path) -> dict[str, Any]:
+    try:
+        text = config_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {config_file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"configuration file {config_file} cannot be read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {config_file} is not valid TOML: {exc}") from None
+
+
+def _key_name(loc: tuple[int | str, ...]) -> str:
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "(top level)"
+
+
+def _describe(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return "missing value (required)"
+    return f"{message} (got {err['input']!r})"
