@@ -13,7 +13,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -156,13 +164,14 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     destinations: list[Destination] = []
 
-    @model_validator(mode="after")
-    def _unique_destination_names(self) -> Settings:
-        names = [d.name for d in self.destinations]
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(cls, destinations: list[Destination]) -> list[Destination]:
+        names = [d.name for d in destinations]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"destination names must be unique: {', '.join(duplicated)}")
-        return self
+        return destinations
 
     @classmethod
     def settings_customise_sources(

@@ -58,7 +58,7 @@ class ObjectStore:
 
     @staticmethod
     def relative_path(sop_instance_uid: str) -> PurePosixPath:
-        digest = hashlib.sha256(sop_instance_uid.encode("ascii")).hexdigest()
+        digest = hashlib.sha256(sop_instance_uid.encode("utf-8", "surrogateescape")).hexdigest()
         return PurePosixPath("objects", digest[:2], digest[2:4], f"{digest}.dcm")
 
     def absolute(self, relative: PurePosixPath) -> Path:

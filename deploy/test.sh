@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One command: set up and run the whole test suite (lint, types, unit, integration
+# with real DCMTK peers and PostgreSQL, benchmark smoke tests).
+# Needs root (or sudo) the first time, to install DCMTK from Debian's packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v storescu >/dev/null 2>&1; then
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dcmtk >/dev/null
+fi
+
+# The tests use a real PostgreSQL on 127.0.0.1:5432 as user postgres without a password.
+if ! (echo > /dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql >/dev/null
+    hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -n 1)
+    as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+  fi
+  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
+fi
+
+bash deploy/setup.sh --test
+export PATH="$PWD/.venv/bin:$PATH"
+ruff check .
+ruff format --check .
+mypy
+exec pytest "$@"

@@ -1,0 +1,38 @@
+"""Real DICOM files the tests push: pydicom-data's set and pydicom's own test files."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import data_store
+import pydicom
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+PYDICOM_DATA_DIR = Path(data_store.__file__).parent / "data"
+PYDICOM_TEST_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def pydicom_data_files() -> list[Path]:
+    return sorted(PYDICOM_DATA_DIR.glob("*.dcm"))
+
+
+def pydicom_test_files() -> list[Path]:
+    """Every file under pydicom's test data that carries DICOM file meta (storescu needs it)."""
+    return sorted(p for p in PYDICOM_TEST_DIR.rglob("*") if p.is_file() and transfer_syntax_of(p))
+
+
+@cache
+def transfer_syntax_of(path: Path) -> str | None:
+    try:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, AttributeError):
+        return None
+    value = meta.get("TransferSyntaxUID")
+    return str(value) if value else None
+
+
+def ultrasound_file() -> Path:
+    """A real ~500 KB uncompressed ultrasound image, the benchmark's and the tests' workhorse."""
+    return PYDICOM_DATA_DIR / "US1_UNCR.dcm"
