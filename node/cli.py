@@ -45,7 +45,7 @@ def _settings(config: Path | None) -> Settings:
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the node: receive, store and catalogue images until SIGTERM."""
-    from node.service import serve_until_signalled
+    from node.service import StartupError, serve_until_signalled
 
     settings = _settings(config)
     try:
@@ -56,7 +56,7 @@ def serve(config: ConfigOption = None) -> None:
     except CatalogUnavailable as exc:
         _err.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(RUNTIME_EXIT) from None
-    except OSError as exc:
+    except StartupError as exc:
         _err.print(f"[red]cannot start: {exc}[/red]", highlight=False)
         raise typer.Exit(RUNTIME_EXIT) from None
 

@@ -18,6 +18,10 @@ from node.storage import ObjectStore
 log = logging.getLogger(__name__)
 
 
+class StartupError(Exception):
+    """The node cannot start; the message names the setting involved."""
+
+
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -26,7 +30,12 @@ class Node:
             fsync=settings.storage.fsync,
             min_free_bytes=settings.storage.min_free_bytes,
         )
-        self.store.prepare()
+        try:
+            self.store.prepare()
+        except OSError as exc:
+            raise StartupError(
+                f"storage.data_dir {settings.storage.data_dir} is unusable: {exc.strerror or exc}"
+            ) from exc
         self.catalog = Catalog.open(settings.catalog_url())
         self._previous_tempdir = configure_pynetdicom(
             self.store.incoming_dir,
@@ -41,7 +50,14 @@ class Node:
         self.acceptor = Acceptor(settings.dicom, ingestor)
 
     def start(self) -> tuple[str, int]:
-        return self.acceptor.start()
+        try:
+            return self.acceptor.start()
+        except OSError as exc:
+            dicom = self.settings.dicom
+            raise StartupError(
+                f"cannot listen on {dicom.bind}:{dicom.port} (dicom.bind, dicom.port): "
+                f"{exc.strerror or exc}"
+            ) from exc
 
     def stop(self) -> bool:
         finished = self.acceptor.stop(self.settings.dicom.shutdown_timeout)
