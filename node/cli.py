@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from node.catalog.database import CatalogConfigError, connect, upgrade_schema
 from node.errors import CatalogUnavailable
@@ -29,15 +28,19 @@ ConfigOption = Annotated[
 CONFIG_EXIT = 2
 RUNTIME_EXIT = 1
 
-_err = Console(stderr=True)
+
+
+def _fail(message: str, exit_code: int) -> typer.Exit:
+    """Print an operator-facing error as plain text (no wrapping, no markup) and exit."""
+    typer.echo(message, err=True)
+    return typer.Exit(exit_code)
 
 
 def _settings(config: Path | None) -> Settings:
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        _err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(CONFIG_EXIT) from None
+        raise _fail(str(exc), CONFIG_EXIT) from None
     configure_logging(settings.logging.level)
     return settings
 
@@ -51,14 +54,11 @@ def serve(config: ConfigOption = None) -> None:
     try:
         serve_until_signalled(settings)
     except CatalogConfigError as exc:
-        _err.print(f"[red]configuration error: {exc}[/red]", highlight=False)
-        raise typer.Exit(CONFIG_EXIT) from None
+        raise _fail(f"configuration error: {exc}", CONFIG_EXIT) from None
     except CatalogUnavailable as exc:
-        _err.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(RUNTIME_EXIT) from None
+        raise _fail(str(exc), RUNTIME_EXIT) from None
     except StartupError as exc:
-        _err.print(f"[red]cannot start: {exc}[/red]", highlight=False)
-        raise typer.Exit(RUNTIME_EXIT) from None
+        raise _fail(f"cannot start: {exc}", RUNTIME_EXIT) from None
 
 
 @app.command("config")
@@ -76,6 +76,5 @@ def db_upgrade(config: ConfigOption = None) -> None:
         engine = connect(settings.catalog_url())
         upgrade_schema(engine)
     except CatalogConfigError as exc:
-        _err.print(f"[red]configuration error: {exc}[/red]", highlight=False)
-        raise typer.Exit(CONFIG_EXIT) from None
+        raise _fail(f"configuration error: {exc}", CONFIG_EXIT) from None
     print("catalog schema is up to date")

@@ -54,8 +54,9 @@ class Ingestor:
         """Store and catalogue one instance; raise :class:`~node.errors.IngestError` if refused."""
         size = received.path.stat().st_size
         if size > self._max_instance_bytes:
+            # Numbers first: the Error Comment (LO) keeps only 64 characters.
             raise InstanceTooLarge(
-                f"instance of {size} bytes exceeds dicom.max_instance_bytes ({self._max_instance_bytes})"
+                f"{size} bytes > limit {self._max_instance_bytes} (dicom.max_instance_bytes)"
             )
         header = read_instance_header(received.path)
         check_matches_request(header, received.sop_class_uid, received.sop_instance_uid)
