@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.catalog.recording import Catalog
-from node.errors import CatalogUnavailable, InstanceTooLarge
+from node.errors import InstanceTooLarge
 from node.header import InstanceHeader, check_matches_request, read_instance_header
 from node.storage import ObjectStore
 
@@ -65,13 +65,17 @@ class Ingestor:
         return self._add(received, header), header
 
     def _add(self, received: ReceivedInstance, header: InstanceHeader) -> Outcome:
-        if self._catalog.has_instance(header.sop_instance_uid):
+        # A catalogued instance always has its file (rows are committed after the file is
+        # placed, and files are never removed under a row), so no file means not catalogued:
+        # the catalog is asked only when a file is there (a duplicate, or a crash's orphan).
+        uid = header.sop_instance_uid
+        if self._store.holds(uid) and self._catalog.has_instance(uid):
             return Outcome.DUPLICATE_KEPT
         self._store.require_free_space()
         stored = self._store.place(received.path, header.sop_instance_uid)
         try:
             added = self._catalog.add_instance(header, stored, received.calling_ae_title)
-        except CatalogUnavailable:
+        except Exception:  # whatever failed, a file without its row must not stay
             self._store.remove(stored.relative_path)
             raise
         return Outcome.STORED if added else Outcome.DUPLICATE_KEPT

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, func, select
+from sqlalchemy import BindParameter, Engine, Table, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -33,7 +33,22 @@ class Catalog:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        # Built once: constructing SQLAlchemy statements per C-STORE cost more than running them.
+        self._upsert_patient = _upsert(insert, _PATIENTS, ["patient_id", "issuer_of_patient_id"], [])
+        self._upsert_study = _upsert(insert, _STUDIES, ["study_instance_uid"], ["updated_at"])
+        self._upsert_series = _upsert(insert, _SERIES, ["series_instance_uid"], [])
+        instance = insert(_INSTANCES).values(_bound(_INSTANCES))
+        self._insert_instance = instance.on_conflict_do_nothing(
+            index_elements=["sop_instance_uid"]
+        ).returning(_INSTANCES.c.id)
+        self._replace_instance = instance.on_conflict_do_update(
+            index_elements=["sop_instance_uid"],
+            set_={c: instance.excluded[c] for c in _columns(_INSTANCES) if c != "sop_instance_uid"},
+        )
+        self._find_instance = select(_INSTANCES.c.id).where(
+            _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
+        )
 
     @classmethod
     def open(cls, url: str) -> Catalog:
@@ -50,10 +65,8 @@ class Catalog:
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         with self._connection() as connection:
-            found = connection.execute(
-                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
-            ).first()
-        return found is not None
+            found = connection.execute(self._find_instance, {"sop_instance_uid": sop_instance_uid})
+            return found.first() is not None
 
     def instance_count(self) -> int:
         with self._connection() as connection:
@@ -66,33 +79,26 @@ class Catalog:
         UID is already recorded (a concurrent duplicate).
         """
         with self._transaction() as connection:
-            series_pk = self._file_series(connection, header)
-            statement = (
-                self._insert(_INSTANCES)
-                .values(self._instance_row(header, stored, calling_ae_title, series_pk))
-                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                .returning(Instance.id)
-            )
-            return connection.execute(statement).first() is not None
+            row = self._instance_row(connection, header, stored, calling_ae_title)
+            return connection.execute(self._insert_instance, row).first() is not None
 
     def replace_instance(self, header: InstanceHeader, stored: StoredFile, calling_ae_title: str) -> None:
         """Record an instance, overwriting what was recorded under its SOP Instance UID."""
         with self._transaction() as connection:
-            series_pk = self._file_series(connection, header)
-            row = self._instance_row(header, stored, calling_ae_title, series_pk)
-            statement = self._insert(_INSTANCES).values(row)
-            statement = statement.on_conflict_do_update(
-                index_elements=["sop_instance_uid"],
-                set_={key: statement.excluded[key] for key in row if key != "sop_instance_uid"},
-            )
-            connection.execute(statement)
+            row = self._instance_row(connection, header, stored, calling_ae_title)
+            connection.execute(self._replace_instance, row)
 
-    def _file_series(self, connection: Connection, header: InstanceHeader) -> int:
+    def _instance_row(
+        self, connection: Connection, header: InstanceHeader, stored: StoredFile, calling_ae_title: str
+    ) -> dict[str, Any]:
+        """File the instance's patient, study and series (upserts), and return its own row.
+
+        An existing parent row keeps its first values: the first instance of a study
+        names it; each instance only moves the study's ``updated_at``.
+        """
         now = datetime.now(UTC)
-        patient_pk = self._upsert(
-            connection,
-            _PATIENTS,
-            ["patient_id", "issuer_of_patient_id"],
+        patient_pk = connection.execute(
+            self._upsert_patient,
             {
                 "patient_id": header.patient_id,
                 "issuer_of_patient_id": header.issuer_of_patient_id,
@@ -101,12 +107,9 @@ class Catalog:
                 "patient_sex": header.patient_sex,
                 "created_at": now,
             },
-            touch={},
-        )
-        study_pk = self._upsert(
-            connection,
-            _STUDIES,
-            ["study_instance_uid"],
+        ).scalar_one()
+        study_pk = connection.execute(
+            self._upsert_study,
             {
                 "study_instance_uid": header.study_instance_uid,
                 "patient_pk": patient_pk,
@@ -119,12 +122,9 @@ class Catalog:
                 "created_at": now,
                 "updated_at": now,
             },
-            touch={"updated_at": now},
-        )
-        return self._upsert(
-            connection,
-            _SERIES,
-            ["series_instance_uid"],
+        ).scalar_one()
+        series_pk = connection.execute(
+            self._upsert_series,
             {
                 "series_instance_uid": header.series_instance_uid,
                 "study_pk": study_pk,
@@ -135,30 +135,7 @@ class Catalog:
                 "laterality": header.laterality,
                 "created_at": now,
             },
-            touch={},
-        )
-
-    def _upsert(
-        self,
-        connection: Connection,
-        table: Table,
-        keys: list[str],
-        values: dict[str, Any],
-        touch: dict[str, Any],
-    ) -> int:
-        """Insert the row or keep the existing one (updating ``touch``); return its id.
-
-        An existing row keeps its first values: the first instance of a study names it.
-        """
-        statement = self._insert(table).values(values)
-        update = touch or {keys[0]: statement.excluded[keys[0]]}
-        statement = statement.on_conflict_do_update(index_elements=keys, set_=update)
-        return int(connection.execute(statement.returning(table.c.id)).scalar_one())
-
-    @staticmethod
-    def _instance_row(
-        header: InstanceHeader, stored: StoredFile, calling_ae_title: str, series_pk: int
-    ) -> dict[str, Any]:
+        ).scalar_one()
         return {
             "sop_instance_uid": header.sop_instance_uid,
             "sop_class_uid": header.sop_class_uid,
@@ -173,7 +150,7 @@ class Catalog:
             "file_path": str(stored.relative_path),
             "file_size": stored.size,
             "calling_ae_title": calling_ae_title,
-            "received_at": datetime.now(UTC),
+            "received_at": now,
         }
 
     def _transaction(self) -> _Guarded:
@@ -183,14 +160,34 @@ class Catalog:
         return _Guarded(self.engine, transactional=False)
 
 
+def _columns(table: Table) -> list[str]:
+    return [column.name for column in table.columns if column.name != "id"]
+
+
+def _bound(table: Table) -> dict[str, BindParameter[Any]]:
+    return {name: bindparam(name) for name in _columns(table)}
+
+
+def _upsert(insert: Any, table: Table, keys: list[str], touch: list[str]) -> Any:
+    """INSERT … ON CONFLICT (keys) DO UPDATE … RETURNING id: one round trip for the row's id.
+
+    ``touch`` names the columns an existing row takes from the new values; with none, the
+    update is a no-op that still locks and returns the row.
+    """
+    statement = insert(table).values(_bound(table))
+    update = {column: statement.excluded[column] for column in (touch or keys[:1])}
+    return statement.on_conflict_do_update(index_elements=keys, set_=update).returning(table.c.id)
+
+
 class _Guarded:
     """A connection whose database errors surface as :class:`CatalogUnavailable`."""
 
     def __init__(self, engine: Engine, *, transactional: bool) -> None:
-        self._context = engine.begin() if transactional else engine.connect()
+        self._open = engine.begin if transactional else engine.connect
 
     def __enter__(self) -> Connection:
-        try:
+        try:  # engine.connect() connects at once, engine.begin() on entering: both in here
+            self._context = self._open()
             return self._context.__enter__()
         except OperationalError as exc:
             raise CatalogUnavailable(f"catalog database unreachable: {exc.orig}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def test_paths_are_hashes_inside_objects(tmp_path: Path, uid: str) -> None:
     store = make_store(tmp_path)
     relative = store.relative_path(uid)
     assert relative.parts[0] == "objects"
-    assert len(relative.parts) == 4
+    assert len(relative.parts) == 3
     assert relative.name.removesuffix(".dcm").isalnum()
     assert store.absolute(relative).resolve().is_relative_to(store.objects_dir)
 
@@ -63,6 +64,19 @@ def test_placing_across_filesystems_copies(tmp_path: Path) -> None:
     assert not list(store.absolute(placed.relative_path).parent.glob("*.partial"))
 
 
+def test_start_up_makes_the_fan_out_directories(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    assert sorted(p.name for p in store.objects_dir.iterdir()) == [f"{n:02x}" for n in range(256)]
+    assert store.relative_path("1.2.3").parent.name in {p.name for p in store.objects_dir.iterdir()}
+
+
+def test_holds_tells_whether_a_file_is_stored(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    assert not store.holds("1.2.3.4")
+    store.place(received(store), "1.2.3.4")
+    assert store.holds("1.2.3.4")
+
+
 def test_start_up_purges_half_received_files_only(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     kept = store.place(received(store), "1.2.3.4")
@@ -75,7 +89,7 @@ def test_start_up_purges_half_received_files_only(tmp_path: Path) -> None:
 
 def test_an_unwritable_objects_directory_is_refused(tmp_path: Path) -> None:
     store = make_store(tmp_path)
-    store.objects_dir.rmdir()
+    shutil.rmtree(store.objects_dir)
     store.objects_dir.write_bytes(b"not a directory")
     source = received(store)
     with pytest.raises(StorageUnavailable, match="cannot write"):
