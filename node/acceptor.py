@@ -24,7 +24,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.access import AccessPolicy
-from node.handlers import handle_association_event, handle_association_requested, handle_store
+from node.handlers import (
+    discard_partial_dataset,
+    handle_association_event,
+    handle_association_requested,
+    handle_store,
+)
 from node.ingest import Ingestor
 from node.settings import DicomSettings
 
@@ -60,11 +65,19 @@ def configure_pynetdicom(incoming_dir: Path, *, accept_private_sop_classes: bool
     """Set pynetdicom's switches for this process; return the previous temp dir to restore."""
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = accept_private_sop_classes
+    _config.VALIDATORS["UI"] = _any_uid
     # pynetdicom creates its receive files with tempfile; keep them on the data disk
     # so that placing one is a rename, not a copy.
     previous = tempfile.tempdir
     tempfile.tempdir = str(incoming_dir)
     return previous
+
+
+def _any_uid(value: object) -> tuple[bool, str]:
+    """pynetdicom aborts the association on a command UID over 64 characters, before any
+    handler runs and leaving the received file behind; the node judges UIDs itself
+    (:func:`node.header.clean_uid`) and answers such a request with a status."""
+    return True, ""
 
 
 class Acceptor:
@@ -99,6 +112,7 @@ class Acceptor:
             (evt.EVT_ACCEPTED, handle_association_event),
             (evt.EVT_RELEASED, handle_association_event),
             (evt.EVT_ABORTED, handle_association_event),
+            (evt.EVT_CONN_CLOSE, discard_partial_dataset),
         ]
         self._server = self._ae.start_server(
             (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers

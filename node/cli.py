@@ -29,7 +29,6 @@ CONFIG_EXIT = 2
 RUNTIME_EXIT = 1
 
 
-
 def _fail(message: str, exit_code: int) -> typer.Exit:
     """Print an operator-facing error as plain text (no wrapping, no markup) and exit."""
     typer.echo(message, err=True)

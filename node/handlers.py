@@ -77,6 +77,7 @@ def handle_store(event: Event, ingestor: Ingestor) -> int | Dataset:
     request = cast(C_STORE, event.request)
     calling = str(event.assoc.requestor.ae_title).strip()
     instance_uid = str(request.AffectedSOPInstanceUID)
+    uid_for_log, calling_for_log = loggable(instance_uid), loggable(calling)
     received = ReceivedInstance(
         path=Path(event.dataset_path),
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -87,10 +88,12 @@ def handle_store(event: Event, ingestor: Ingestor) -> int | Dataset:
         outcome, header = ingestor.ingest(received)
     except IngestError as exc:
         status = _STORE_STATUS[type(exc)]
-        log.warning("C-STORE %s from %s refused, status 0x%04X: %s", instance_uid[:64], calling, status, exc)
+        log.warning(
+            "C-STORE %s from %s refused, status 0x%04X: %s", uid_for_log, calling_for_log, status, exc
+        )
         return store_failure(status, str(exc))
     except Exception as exc:
-        log.exception("C-STORE %s from %s failed inside the node", instance_uid[:64], calling)
+        log.exception("C-STORE %s from %s failed inside the node", uid_for_log, calling_for_log)
         return store_failure(PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
     log.info(
         "C-STORE %s from %s: %s (study %s)",
@@ -102,6 +105,12 @@ def handle_store(event: Event, ingestor: Ingestor) -> int | Dataset:
     return SUCCESS
 
 
+def loggable(text: str) -> str:
+    """A peer-supplied value made safe for a log line: bounded, control characters escaped,
+    so a UID holding a newline cannot forge log entries."""
+    return ascii(text[:80])[1:-1]
+
+
 def store_failure(status: int, comment: str) -> Dataset:
     """A C-STORE response status with an Error Comment the modality operator can read."""
     response = Dataset()
@@ -111,13 +120,35 @@ def store_failure(status: int, comment: str) -> Dataset:
     return response
 
 
+def discard_partial_dataset(event: Event) -> None:
+    """Remove the data set of a C-STORE cut off by the end of its connection.
+
+    pynetdicom writes it to ``incoming/`` as it arrives but neither passes it to
+    :func:`handle_store` nor removes it, so each peer that drops mid-transfer would
+    leave a file there until the next start. Runs in the connection's own thread,
+    after its last byte was read.
+    """
+    message = getattr(event.assoc.dimse, "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    partial.close()
+    Path(partial.name).unlink(missing_ok=True)
+    requestor = event.assoc.requestor
+    log.warning(
+        "connection from %s at %s ended in the middle of a C-STORE: partial data set discarded",
+        loggable(str(requestor.ae_title).strip()),
+        requestor.address,
+    )
+
+
 def handle_association_event(event: Event) -> None:
     """Log association lifecycle at INFO: who, from where, with what outcome."""
     requestor = event.assoc.requestor
     log.info(
         "association %s: %s at %s:%s",
         event.event.name.removeprefix("EVT_").lower(),
-        str(requestor.ae_title).strip(),
+        loggable(str(requestor.ae_title).strip()),
         requestor.address,
         requestor.port,
     )

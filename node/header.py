@@ -68,7 +68,7 @@ def clean_uid(value: object, keyword: str) -> str:
     if not text:
         raise InvalidIdentifier(f"{keyword} is missing or empty")
     if len(text) > 64 or not _UID.fullmatch(text):
-        raise InvalidIdentifier(f"{keyword} {text[:80]!r} is not a valid UID")
+        raise InvalidIdentifier(f"{keyword} is not a valid UID: {text[:80]!r}")
     return text
 
 
@@ -88,9 +88,9 @@ def read_instance_header(path: Path) -> InstanceHeader:
 def check_matches_request(header: InstanceHeader, sop_class_uid: str, sop_instance_uid: str) -> None:
     """The dataset must be the instance the C-STORE request announced (PS3.4 B.2.3)."""
     if header.sop_instance_uid != sop_instance_uid.strip("\x00 "):
-        raise DatasetMismatch(f"dataset SOPInstanceUID {header.sop_instance_uid} differs from the request's")
+        raise DatasetMismatch(f"dataset SOPInstanceUID differs from the request's: {header.sop_instance_uid}")
     if header.sop_class_uid != sop_class_uid.strip("\x00 "):
-        raise DatasetMismatch(f"dataset SOPClassUID {header.sop_class_uid} differs from the request's")
+        raise DatasetMismatch(f"dataset SOPClassUID differs from the request's: {header.sop_class_uid}")
 
 
 def _parse(fp: BinaryIO, path: Path) -> Dataset:
@@ -106,13 +106,18 @@ def _require_complete(dataset: Dataset, fp: BinaryIO, size: int) -> None:
 
     An element of undefined length (encapsulated pixel data, a sequence) must be
     closed by its Sequence Delimitation Item, which is then the file's last 8 bytes.
+    A deflated data set is read from an inflated copy, to which element offsets refer.
     """
     position = fp.tell()
+    inflated = getattr(dataset, "buffer", None)
+    if inflated is not None:
+        position = inflated.tell()
+        fp, size = inflated, inflated.seek(0, 2)
     if position > size:
         raise UnreadableDataset(f"an element runs {position - size} bytes past the end of the data")
     if not len(dataset):
         raise UnreadableDataset("the data set is empty")
-    last = dataset.get_item(list(dataset.keys())[-1])
+    last = dataset.get_item(list(dataset.keys())[-1], keep_deferred=True)
     if not isinstance(last, RawDataElement):
         return
     if last.length == _UNDEFINED_LENGTH:
@@ -130,16 +135,20 @@ def _text(dataset: Dataset, keyword: str) -> str:
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip("\x00 ")
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value).strip("\x00 ")
+    return text.replace("\x00", "")  # PostgreSQL refuses NUL in text: it would fail the store
 
 
 def _integer(dataset: Dataset, keyword: str) -> int | None:
+    """The value as an int if it fits the catalog's INTEGER columns (32 bits), else None."""
     value: Any = dataset.get(keyword)
     try:
-        return int(value) if value not in (None, "") else None
+        number = int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+    return number if number is not None and -(2**31) <= number < 2**31 else None
 
 
 def _header_from(dataset: Dataset) -> InstanceHeader:

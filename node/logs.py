@@ -4,13 +4,22 @@ import logging
 import sys
 import warnings
 
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Escapes line breaks in messages, so that a value a peer sent (a UID with a newline,
+    quoted by us or by pynetdicom) cannot forge log entries. Tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = record.message.replace("\r", "\\r").replace("\n", "\\n")
+        return super().formatMessage(record)
+
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
     # pynetdicom narrates every PDU at INFO; the node logs what an operator needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

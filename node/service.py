@@ -55,8 +55,7 @@ class Node:
         except OSError as exc:
             dicom = self.settings.dicom
             raise StartupError(
-                f"cannot listen on {dicom.bind}:{dicom.port} (dicom.bind, dicom.port): "
-                f"{exc.strerror or exc}"
+                f"cannot listen on {dicom.bind}:{dicom.port} (dicom.bind, dicom.port): {exc.strerror or exc}"
             ) from exc
 
     def stop(self) -> bool:

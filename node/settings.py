@@ -96,7 +96,7 @@ class DicomSettings(_Section):
     max_pdu: Annotated[int, AfterValidator(_check_pdu_size)] = 131072
     max_instance_bytes: int = Field(2 * 1024**3, ge=1024)
     accept_private_sop_classes: bool = True
-    acse_timeout: float = Field(30.0, gt=0)
+    acse_timeout: float = Field(10.0, gt=0)
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(120.0, gt=0)
     shutdown_timeout: float = Field(30.0, ge=0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -24,6 +23,7 @@ from node.catalog.models import Instance
 from tests.support.data import PYDICOM_TEST_DIR, ultrasound_file
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.nodes import RunningNode
+from tests.support.waiting import wait_until
 
 CALLING_AE_REJECTION = (
     "Result: Rejected Permanent, Source: Service User",
@@ -71,14 +71,6 @@ def held_association(port: int, calling: str) -> Iterator[Association]:
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(0.05)
 
 
 # --- calling-AE allowlist ------------------------------------------------------------------

@@ -33,10 +33,10 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.pool import NullPool
 
 from node.catalog.models import Instance
-from tests.node.test_store_dcmtk import content
-from tests.support.data import ultrasound_file
+from tests.support.data import content, ultrasound_file
 from tests.support.dcmtk import DCMTK_ENV, StoreRun, echoscu, parse_storescu_log, storescu
 from tests.support.nodes import NodeProcess, free_port, precedent_executable, write_config
+from tests.support.waiting import wait_until
 
 PUSH_SIZE = 300  # instances in the batch a modality pushes; ~5 s of storescu on loopback
 STUDIES = 3  # the batch spans a few studies, as a day's worklist does
@@ -263,14 +263,6 @@ def idle_association(port: int) -> Iterator[Association]:
         if assoc.is_established:
             assoc.abort()
         ae.shutdown()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(0.05)
 
 
 # --- kill -9 ------------------------------------------------------------------------------

@@ -7,14 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag
 from sqlalchemy import select
 
 from node.catalog.models import Instance
 from node.errors import IngestError
 from node.header import read_instance_header
-from tests.support.data import pydicom_data_files, pydicom_test_files, transfer_syntax_of
+from tests.support.data import content, pydicom_data_files, pydicom_test_files, transfer_syntax_of
 from tests.support.dcmtk import PROPOSE_FLAG, StoreRun, echoscu, group_by_transfer_syntax, storescu
 from tests.support.nodes import RunningNode
 
@@ -36,20 +34,6 @@ def push_concurrently(port: int, files: list[Path]) -> StoreRun:
         merged.acknowledged += run.acknowledged
         merged.refused += run.refused
     return merged
-
-
-TRAILING_PADDING = 0xFFFCFFFC
-
-
-def content(dataset: Dataset) -> dict[BaseTag, object]:
-    """A data set's values by tag, as DCMTK may re-encode them in transit: without group
-    lengths (retired; storescu recomputes them) and without VRs (it corrects OW to OB on
-    encapsulated pixel data) and without Data Set Trailing Padding (it drops it)."""
-    return {
-        element.tag: element.value
-        for element in dataset
-        if element.tag.element != 0 and element.tag != TRAILING_PADDING
-    }
 
 
 def node_would_accept(path: Path) -> bool:

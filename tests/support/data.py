@@ -8,7 +8,9 @@ from pathlib import Path
 import data_store
 import pydicom
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 
 PYDICOM_DATA_DIR = Path(data_store.__file__).parent / "data"
 PYDICOM_TEST_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -34,5 +36,19 @@ def transfer_syntax_of(path: Path) -> str | None:
 
 
 def ultrasound_file() -> Path:
-    """A real ~500 KB uncompressed ultrasound image, the benchmark's and the tests' workhorse."""
+    """A real uncompressed ultrasound image (923 KB, RGB), the tests' workhorse."""
     return PYDICOM_DATA_DIR / "US1_UNCR.dcm"
+
+
+TRAILING_PADDING = 0xFFFCFFFC
+
+
+def content(dataset: Dataset) -> dict[BaseTag, object]:
+    """A data set's values by tag, as DCMTK may re-encode them in transit: without group
+    lengths (retired; storescu recomputes them) and without VRs (it corrects OW to OB on
+    encapsulated pixel data) and without Data Set Trailing Padding (it drops it)."""
+    return {
+        element.tag: element.value
+        for element in dataset
+        if element.tag.element != 0 and element.tag != TRAILING_PADDING
+    }
