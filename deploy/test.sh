@@ -24,8 +24,9 @@ if ! (echo > /dev/tcp/127.0.0.1/5432) 2>/dev/null; then
 fi
 
 bash deploy/setup.sh --test
-export PATH="$PWD/.venv/bin:$PATH"
-ruff check .
-ruff format --check .
-mypy
-exec pytest "$@"
+# Not by PATH: pynetdicom puts its own echoscu, storescu, … into .venv/bin, and the
+# tests' peers must be DCMTK's (tests/support/dcmtk.py finds those by absolute path).
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"

@@ -60,7 +60,7 @@ from sqlalchemy import func, select
 from node.catalog.database import connect
 from node.catalog.models import Instance
 from tests.support.data import PYDICOM_DATA_DIR
-from tests.support.dcmtk import DCMTK_ENV, parse_storescu_log
+from tests.support.dcmtk import DCMTK_ENV, dcmtk, parse_storescu_log
 from tests.support.nodes import NodeProcess, free_port, write_config
 from tests.support.postgres import scratch_database
 
@@ -181,7 +181,7 @@ def push(port: int, files: Sequence[Path], senders: int, workdir: Path, timeout:
         log = workdir / f"storescu-{index}.log"
         config = write_config(workdir / f"storescu-{index}.cfg", _STORESCU_LOG_CONFIG.format(log=log))
         options = ["-lc", str(config), "-nh", "-R", "-aet", CALLING_AE, "-aec", CALLED_AE]
-        commands.append(["storescu", *options, "127.0.0.1", str(port), *map(str, share)])
+        commands.append([dcmtk("storescu"), *options, "127.0.0.1", str(port), *map(str, share)])
     started = time.perf_counter()
     for index, command in enumerate(commands):
         stderr = workdir / f"storescu-{index}.stderr"
@@ -257,7 +257,7 @@ def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: f
         if process.poll() is not None:
             raise RuntimeError(f"storescp exited with {process.returncode} before listening")
         echo = subprocess.run(
-            ["echoscu", "-aet", CALLING_AE, "-aec", CALLED_AE, "-to", "2", "127.0.0.1", str(port)],
+            [dcmtk("echoscu"), "-aet", CALLING_AE, "-aec", CALLED_AE, "-to", "2", "127.0.0.1", str(port)],
             env=DCMTK_ENV,
             capture_output=True,
             check=False,
@@ -275,7 +275,7 @@ def run_storescp(files: Sequence[Path], senders: int, workdir: Path) -> PeerRun:
     output = workdir / "received"
     output.mkdir(parents=True)
     port = free_port()
-    command = ["storescp", "+xa", "--max-pdu", str(MAX_PDU), "-od", str(output)]
+    command = [dcmtk("storescp"), "+xa", "--max-pdu", str(MAX_PDU), "-od", str(output)]
     if senders > 1:
         command.append("--fork")
     with (workdir / "storescp.log").open("wb") as log:

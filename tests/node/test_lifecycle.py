@@ -34,7 +34,7 @@ from sqlalchemy.pool import NullPool
 
 from node.catalog.models import Instance
 from tests.support.data import content, ultrasound_file
-from tests.support.dcmtk import DCMTK_ENV, StoreRun, echoscu, parse_storescu_log, storescu
+from tests.support.dcmtk import DCMTK_ENV, StoreRun, dcmtk, echoscu, parse_storescu_log, storescu
 from tests.support.nodes import NodeProcess, free_port, precedent_executable, write_config
 from tests.support.waiting import wait_until
 
@@ -188,7 +188,7 @@ class StorePush:
     """
 
     def __init__(self, port: int, files: list[Path], calling: str = "MODALITY") -> None:
-        command = ["storescu", "-v", "-nh", "-R", "-aet", calling, "-aec", "PRECEDENT"]
+        command = [dcmtk("storescu"), "-v", "-nh", "-R", "-aet", calling, "-aec", "PRECEDENT"]
         self.process = subprocess.Popen(
             [*command, "127.0.0.1", str(port), *map(str, files)],
             env=DCMTK_ENV,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +15,7 @@ from node.catalog.models import Instance
 from node.errors import IngestError
 from node.header import read_instance_header
 from tests.support.data import content, pydicom_data_files, pydicom_test_files, transfer_syntax_of
-from tests.support.dcmtk import PROPOSE_FLAG, StoreRun, echoscu, group_by_transfer_syntax, storescu
+from tests.support.dcmtk import PROPOSE_FLAG, StoreRun, dcmtk, echoscu, group_by_transfer_syntax, storescu
 from tests.support.nodes import RunningNode
 
 
@@ -92,3 +94,13 @@ def test_every_pydicom_test_file_is_answered_and_kept_when_sound(
     running = start_node(catalog_url)
     run = check_push(running, files)
     assert run.refused, "pydicom's test set holds broken files; some must be refused"
+
+
+def test_the_peers_are_dcmtk_not_pynetdicom_namesakes() -> None:
+    """pynetdicom installs echoscu, storescu, storescp … into the venv; tests must not use them."""
+    venv = Path(sys.prefix).resolve()
+    for tool in ("echoscu", "storescu", "storescp"):
+        path = Path(dcmtk(tool)).resolve()
+        assert not path.is_relative_to(venv), path
+        banner = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=True)
+        assert "dcmtk" in banner.stdout.lower()

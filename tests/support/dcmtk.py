@@ -8,14 +8,39 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
-from pydicom import uid
+from pydicom import dcmread, uid
+from pydicom.dataset import Dataset
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@cache
+def dcmtk(tool: str) -> str:
+    """The absolute path of DCMTK's ``tool``, never a namesake.
+
+    pynetdicom installs console scripts called echoscu, storescu, storescp, findscu …
+    into the virtual environment; a test that ran one of those by name would be
+    talking to pynetdicom, not to the independent peer it claims. So the venv's
+    directory is left out of the search, and the tool must say it is DCMTK.
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    search = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d and d != venv_bin)
+    found = shutil.which(tool, path=search)
+    if found is None:
+        raise RuntimeError(f"DCMTK's {tool} is not installed (Debian package dcmtk)")
+    banner = subprocess.run([found, "--version"], capture_output=True, text=True, check=False)
+    if "dcmtk" not in banner.stdout.lower():
+        raise RuntimeError(f"{found} is not DCMTK's {tool}: {banner.stdout[:80]!r}")
+    return found
+
 
 # storescu's flag to propose a file's own transfer syntax, so it is sent as stored.
 PROPOSE_FLAG: dict[str, str] = {
@@ -61,7 +86,7 @@ def storescu(
     timeout: float = 300,
 ) -> StoreRun:
     """Send ``files`` in one association, proposing transfer syntax ``propose`` if given."""
-    command = ["storescu", "-v", "-nh", "-R", "-aet", calling, "-aec", called]
+    command = [dcmtk("storescu"), "-v", "-nh", "-R", "-aet", calling, "-aec", called]
     if propose is not None:
         command.append(PROPOSE_FLAG[propose])
     command += [*extra, "127.0.0.1", str(port), *map(str, files)]
@@ -88,7 +113,7 @@ def echoscu(
     port: int, *, called: str = "PRECEDENT", calling: str = "ECHOSCU"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["echoscu", "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        [dcmtk("echoscu"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
         env=DCMTK_ENV,
         capture_output=True,
         text=True,
@@ -108,8 +133,44 @@ def start_storescp(port: int, directory: Path) -> subprocess.Popen[bytes]:
     """DCMTK's own storage SCP, accepting every transfer syntax as sent (+xa)."""
     directory.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        ["storescp", "+xa", "--max-pdu", "131072", "-od", str(directory), str(port)],
+        [dcmtk("storescp"), "+xa", "--max-pdu", "131072", "-od", str(directory), str(port)],
         env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+@dataclass
+class FindRun:
+    """What findscu received: the Pending responses' identifiers, in order, and its log."""
+
+    returncode: int
+    output: str
+    responses: list[Dataset] = field(default_factory=list)
+
+
+def findscu(
+    port: int,
+    keys: Sequence[str],
+    directory: Path,
+    *,
+    model: str = "-S",
+    called: str = "PRECEDENT",
+    calling: str = "FINDSCU",
+    timeout: float = 60,
+) -> FindRun:
+    """One C-FIND with ``keys`` (findscu's ``-k`` syntax: ``Name=value``, or ``Name`` for an
+    empty key) under ``model`` (``-S`` study root, ``-P`` patient root); every Pending
+    response's identifier is extracted to ``directory`` and read back."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("rsp*.dcm"):
+        old.unlink()
+    command = ["findscu", "-v", model, "-X", "-od", str(directory), "-aet", calling, "-aec", called]
+    for key in keys:
+        command += ["-k", key]
+    command += ["127.0.0.1", str(port)]
+    done = subprocess.run(
+        command, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    responses = [dcmread(path) for path in sorted(directory.glob("rsp*.dcm"))]
+    return FindRun(done.returncode, done.stdout + done.stderr, responses)
