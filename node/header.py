@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from node.errors import DatasetMismatch, InvalidIdentifier, UnreadableDataset
 
@@ -80,7 +81,7 @@ def read_instance_header(path: Path) -> InstanceHeader:
     """
     size = path.stat().st_size
     with path.open("rb") as fp:
-        dataset = _parse(fp, path)
+        dataset = _parse(fp)
         _require_complete(dataset, fp, size)
     return _header_from(dataset)
 
@@ -93,7 +94,7 @@ def check_matches_request(header: InstanceHeader, sop_class_uid: str, sop_instan
         raise DatasetMismatch(f"dataset SOPClassUID differs from the request's: {header.sop_class_uid}")
 
 
-def _parse(fp: BinaryIO, path: Path) -> Dataset:
+def _parse(fp: BinaryIO) -> Dataset:
     try:
         dataset = dcmread(fp, defer_size=_DEFER_BYTES)
     except Exception as exc:  # pydicom raises many types for broken input
@@ -134,7 +135,7 @@ def _text(dataset: Dataset, keyword: str) -> str:
     value = dataset.get(keyword)
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         text = "\\".join(str(v) for v in value)
     else:
         text = str(value).strip("\x00 ")
