@@ -20,14 +20,20 @@ from pydicom import uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.access import AccessPolicy
+from node.catalog.recording import Catalog
 from node.handlers import (
     discard_partial_dataset,
     handle_association_event,
     handle_association_requested,
+    handle_find,
     handle_store,
 )
 from node.ingest import Ingestor
@@ -36,6 +42,10 @@ from node.settings import DicomSettings
 log = logging.getLogger(__name__)
 
 # Accepted as sent; the node never transcodes on receipt.
+# Identifiers are small: the two uncompressed syntaxes every peer offers suffice.
+QUERY_TRANSFER_SYNTAXES: list[str] = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
+FIND_SOP_CLASSES = [PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind]
+
 STORAGE_TRANSFER_SYNTAXES: list[str] = [
     uid.ExplicitVRLittleEndian,
     uid.ImplicitVRLittleEndian,
@@ -83,9 +93,10 @@ def _any_uid(value: object) -> tuple[bool, str]:
 class Acceptor:
     """Listens on ``dicom.bind:dicom.port`` and serves associations until stopped."""
 
-    def __init__(self, settings: DicomSettings, ingestor: Ingestor) -> None:
+    def __init__(self, settings: DicomSettings, ingestor: Ingestor, catalog: Catalog) -> None:
         self._settings = settings
         self._ingestor = ingestor
+        self._catalog = catalog
         self._policy = AccessPolicy(settings.calling_aes(), {settings.ae_title, settings.similar_ae_title})
         self._ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
@@ -99,7 +110,9 @@ class Acceptor:
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
         ae.require_called_aet = False  # checked by the access policy: two titles, one port
-        ae.add_supported_context(Verification, [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian])
+        ae.add_supported_context(Verification, QUERY_TRANSFER_SYNTAXES)
+        for sop_class in FIND_SOP_CLASSES:
+            ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(str(context.abstract_syntax), STORAGE_TRANSFER_SYNTAXES)
         return ae
@@ -109,6 +122,7 @@ class Acceptor:
         handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, handle_association_requested, [self._policy]),
             (evt.EVT_C_STORE, handle_store, [self._ingestor]),
+            (evt.EVT_C_FIND, handle_find, [self._catalog, self._settings.ae_title]),
             (evt.EVT_ACCEPTED, handle_association_event),
             (evt.EVT_RELEASED, handle_association_event),
             (evt.EVT_ABORTED, handle_association_event),

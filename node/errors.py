@@ -31,3 +31,16 @@ class StorageUnavailable(IngestError):
 
 class CatalogUnavailable(IngestError):
     """The catalog database cannot record the instance now."""
+
+
+class QueryError(Exception):
+    """A C-FIND identifier the node cannot answer; ``str(exc)`` says why."""
+
+
+class IdentifierMismatch(QueryError):
+    """The identifier does not fit the information model: no or an unknown level, or a
+    unique key of a level above the query level missing or not single-valued."""
+
+
+class UnprocessableQuery(QueryError):
+    """A key's value cannot be matched (a malformed date range, a list where one value goes)."""

@@ -23,7 +23,8 @@ from node.errors import DatasetMismatch, InvalidIdentifier, UnreadableDataset
 _DEFER_BYTES = 4096
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _SEQUENCE_DELIMITERS = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
-_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+# Digits and dots (leading zeros tolerated, as seen in the field); length is checked apart.
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def clean_uid(value: object, keyword: str) -> str:
     text = str(value if value is not None else "").strip("\x00 ")
     if not text:
         raise InvalidIdentifier(f"{keyword} is missing or empty")
-    if len(text) > 64 or not _UID.fullmatch(text):
+    if len(text) > 64 or not UID_PATTERN.fullmatch(text):
         raise InvalidIdentifier(f"{keyword} is not a valid UID: {text[:80]!r}")
     return text
 

@@ -47,7 +47,7 @@ class Node:
             max_instance_bytes=settings.dicom.max_instance_bytes,
             replace_duplicates=settings.storage.on_duplicate == "replace",
         )
-        self.acceptor = Acceptor(settings.dicom, ingestor)
+        self.acceptor = Acceptor(settings.dicom, ingestor, self.catalog)
 
     def start(self) -> tuple[str, int]:
         try:

@@ -2,7 +2,7 @@
 
 SQLite runs in WAL mode so that readers never block the C-STORE writers, with
 ``synchronous=FULL`` so that a committed row survives a power cut, as the file it
-describes does. PostgreSQL needs nothing special.
+describes does, and with a case-sensitive ``LIKE`` as on PostgreSQL. PostgreSQL needs nothing special.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def _connect_sqlite(url: str) -> Engine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # DICOM matching is case-sensitive (PS3.4 C.2.2.2.1); SQLite's LIKE is not by default.
+        cursor.execute("PRAGMA case_sensitive_like=ON")
         cursor.close()
 
     return engine

@@ -83,3 +83,10 @@ class Instance(Base):
     file_size: Mapped[int] = mapped_column(BigInteger)
     calling_ae_title: Mapped[str] = mapped_column(String)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# The tables as Core objects (typed Table), for statements built without the ORM.
+PATIENTS = Base.metadata.tables["patients"]
+STUDIES = Base.metadata.tables["studies"]
+SERIES = Base.metadata.tables["series"]
+INSTANCES = Base.metadata.tables["instances"]

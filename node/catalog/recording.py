@@ -8,24 +8,20 @@ for the write lock instead of failing on a stale read snapshot).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BindParameter, Engine, Table, bindparam, func, select
+from sqlalchemy import BindParameter, Engine, Select, Table, bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from node.catalog.database import connect, upgrade_schema
-from node.catalog.models import Base, Instance
+from node.catalog.models import INSTANCES, PATIENTS, SERIES, STUDIES, Instance
 from node.errors import CatalogUnavailable
 from node.header import InstanceHeader
 from node.storage import StoredFile
-
-_PATIENTS = Base.metadata.tables["patients"]
-_STUDIES = Base.metadata.tables["studies"]
-_SERIES = Base.metadata.tables["series"]
-_INSTANCES = Base.metadata.tables["instances"]
 
 
 class Catalog:
@@ -35,19 +31,19 @@ class Catalog:
         self.engine = engine
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         # Built once: constructing SQLAlchemy statements per C-STORE cost more than running them.
-        self._upsert_patient = _upsert(insert, _PATIENTS, ["patient_id", "issuer_of_patient_id"], [])
-        self._upsert_study = _upsert(insert, _STUDIES, ["study_instance_uid"], ["updated_at"])
-        self._upsert_series = _upsert(insert, _SERIES, ["series_instance_uid"], [])
-        instance = insert(_INSTANCES).values(_bound(_INSTANCES))
+        self._upsert_patient = _upsert(insert, PATIENTS, ["patient_id", "issuer_of_patient_id"], [])
+        self._upsert_study = _upsert(insert, STUDIES, ["study_instance_uid"], ["updated_at"])
+        self._upsert_series = _upsert(insert, SERIES, ["series_instance_uid"], [])
+        instance = insert(INSTANCES).values(_bound(INSTANCES))
         self._insert_instance = instance.on_conflict_do_nothing(
             index_elements=["sop_instance_uid"]
-        ).returning(_INSTANCES.c.id)
+        ).returning(INSTANCES.c.id)
         self._replace_instance = instance.on_conflict_do_update(
             index_elements=["sop_instance_uid"],
-            set_={c: instance.excluded[c] for c in _columns(_INSTANCES) if c != "sop_instance_uid"},
+            set_={c: instance.excluded[c] for c in _columns(INSTANCES) if c != "sop_instance_uid"},
         )
-        self._find_instance = select(_INSTANCES.c.id).where(
-            _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
+        self._find_instance = select(INSTANCES.c.id).where(
+            INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
         )
 
     @classmethod
@@ -71,6 +67,13 @@ class Catalog:
     def instance_count(self) -> int:
         with self._connection() as connection:
             return int(connection.execute(select(func.count(Instance.id))).scalar_one())
+
+    def stream(self, statement: Select[Any], batch: int = 100) -> Iterator[Row[Any]]:
+        """The rows of a read-only query, fetched ``batch`` at a time as they are consumed
+        (a server-side cursor on PostgreSQL), so that a query matching the whole catalog
+        never holds it in memory. Closing the iterator early releases the connection."""
+        with self._connection() as connection:
+            yield from connection.execution_options(yield_per=batch).execute(statement)
 
     def add_instance(self, header: InstanceHeader, stored: StoredFile, calling_ae_title: str) -> bool:
         """Record a new instance with its patient, study and series.

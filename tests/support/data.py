@@ -7,8 +7,8 @@ from pathlib import Path
 
 import data_store
 import pydicom
-from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom import dcmread, uid
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
@@ -52,3 +52,19 @@ def content(dataset: Dataset) -> dict[BaseTag, object]:
         for element in dataset
         if element.tag.element != 0 and element.tag != TRAILING_PADDING
     }
+
+
+def write_instance(path: Path, **attributes: object) -> Path:
+    """A small header-only instance (no pixel data) with exactly the attributes given, as a
+    file storescu can send: the tests' way to a catalog with controlled keys."""
+    dataset = Dataset()
+    if any(not str(value).isascii() for value in attributes.values()):
+        dataset.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in attributes.items():
+        setattr(dataset, keyword, value)
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    dataset.save_as(path, enforce_file_format=True)
+    return path

@@ -165,7 +165,7 @@ def findscu(
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("rsp*.dcm"):
         old.unlink()
-    command = ["findscu", "-v", model, "-X", "-od", str(directory), "-aet", calling, "-aec", called]
+    command = [dcmtk("findscu"), "-v", model, "-X", "-od", str(directory), "-aet", calling, "-aec", called]
     for key in keys:
         command += ["-k", key]
     command += ["127.0.0.1", str(port)]
