@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from node.catalog.models import Instance
@@ -24,6 +21,7 @@ from tests.support.data import PYDICOM_TEST_DIR, ultrasound_file
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.nodes import RunningNode
 from tests.support.waiting import wait_until
+from tests.support.wire import idle_association
 
 CALLING_AE_REJECTION = (
     "Result: Rejected Permanent, Source: Service User",
@@ -56,21 +54,6 @@ def assert_rejected(done: subprocess.CompletedProcess[str], wording: tuple[str, 
     assert "Association Rejected" in text, text
     for line in wording:
         assert line in text, text
-
-
-@contextmanager
-def held_association(port: int, calling: str) -> Iterator[Association]:
-    """An association opened by a pynetdicom SCU that then sits idle until the block ends."""
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PRECEDENT")
-    assert assoc.is_established, f"{calling} could not associate"
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
 
 
 # --- calling-AE allowlist ------------------------------------------------------------------
@@ -162,7 +145,7 @@ def test_an_association_beyond_the_maximum_is_rejected_transiently_until_one_end
     start_node: Callable[..., RunningNode],
 ) -> None:
     running = start_node(dicom={"max_associations": 2})
-    with held_association(running.port, "HOLDER1"), held_association(running.port, "HOLDER2") as second:
+    with idle_association(running.port, "HOLDER1"), idle_association(running.port, "HOLDER2") as second:
         assert_rejected(echoscu(running.port), LIMIT_REJECTION)
         second.release()
         # The released association's thread, and the rejected one's, end shortly after.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -18,7 +17,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,15 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import create_engine, select
 from sqlalchemy.pool import NullPool
 
 from node.catalog.models import Instance
 from tests.support.data import content, ultrasound_file
 from tests.support.dcmtk import DCMTK_ENV, StoreRun, dcmtk, echoscu, parse_storescu_log, storescu
-from tests.support.nodes import NodeProcess, free_port, precedent_executable, write_config
+from tests.support.nodes import NodeProcess, free_port, run_precedent, write_config
 from tests.support.waiting import wait_until
+from tests.support.wire import idle_association
 
 PUSH_SIZE = 300  # instances in the batch a modality pushes; ~5 s of storescu on loopback
 STUDIES = 3  # the batch spans a few studies, as a day's worklist does
@@ -250,21 +246,6 @@ def push() -> Iterator[Callable[..., StorePush]]:
         started.stop()
 
 
-@contextmanager
-def idle_association(port: int) -> Iterator[Association]:
-    """A peer that associates and then does nothing: the slow modality, the hung viewer."""
-    ae = AE(ae_title="IDLE")
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="PRECEDENT")
-    assert assoc.is_established
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.abort()
-        ae.shutdown()
-
-
 # --- kill -9 ------------------------------------------------------------------------------
 
 
@@ -407,21 +388,7 @@ def test_start_up_purges_partial_files_from_incoming_and_leaves_objects_alone(
 
 def serve(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`precedent serve` as a site would start it, with no PRECEDENT_* variables set."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRECEDENT_")}
-    return subprocess.run(
-        [str(precedent_executable()), "serve", "--config", str(config)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def unwrapped(text: str) -> str:
-    """The console wraps long lines at its width; compare text without any whitespace."""
-    return "".join(text.split())
+    return run_precedent("serve", "--config", str(config), cwd=cwd, timeout=60)
 
 
 @pytest.mark.parametrize(
@@ -453,5 +420,5 @@ def test_a_missing_configuration_file_stops_serve_with_exit_code_2_naming_it(tmp
     absent = tmp_path / "absent.toml"
     done = serve(absent, tmp_path)
     assert done.returncode == CONFIG_EXIT, done.stderr
-    assert unwrapped(f"{absent} does not exist") in unwrapped(done.stderr), done.stderr
+    assert f"{absent} does not exist" in done.stderr
     assert not list(tmp_path.iterdir()), "nothing may be created when the configuration is unreadable"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
 
 from node.settings import CallingAE, ConfigError, Settings, load_settings
-from tests.support.nodes import precedent_executable
+from tests.support.nodes import run_precedent
 
 SHIPPED = Path(__file__).resolve().parents[2] / "config" / "precedent.toml"
 
@@ -138,13 +137,7 @@ def test_allowlist_entries_match_title_and_host() -> None:
 
 def test_cli_exits_2_naming_the_key(tmp_path: Path) -> None:
     path = write(tmp_path, '[dicom]\nport = "abc"\n')
-    done = subprocess.run(
-        [str(precedent_executable()), "config", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_precedent("config", "--config", str(path))
     assert done.returncode == 2
     assert "dicom.port" in done.stderr
     assert "Traceback" not in done.stderr
@@ -152,13 +145,8 @@ def test_cli_exits_2_naming_the_key(tmp_path: Path) -> None:
 
 def test_cli_prints_the_settings_in_effect(tmp_path: Path) -> None:
     path = write(tmp_path, "[dicom]\nport = 4104\n")
-    done = subprocess.run(
-        [str(precedent_executable()), "config", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    done = run_precedent("config", "--config", str(path))
+    assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
     assert shown["dicom"]["port"] == 4104
     assert shown["dicom"]["ae_title"] == "PRECEDENT"

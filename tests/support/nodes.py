@@ -60,6 +60,27 @@ def precedent_executable() -> Path:
     return Path(sys.executable).with_name("precedent")
 
 
+def site_environment(**variables: str) -> dict[str, str]:
+    """This process's environment without PRECEDENT_* variables, plus ``variables``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PRECEDENT_")}
+    return {**clean, **variables}
+
+
+def run_precedent(
+    *args: str, cwd: Path | None = None, timeout: float = 120, **variables: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``precedent`` command as an administrator would, and let it finish."""
+    return subprocess.run(
+        [str(precedent_executable()), *args],
+        cwd=cwd,
+        env=site_environment(**variables),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
@@ -74,13 +95,12 @@ class NodeProcess:
         self.process: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 60) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PRECEDENT_")}
         self.process = subprocess.Popen(
             [str(precedent_executable()), "serve", "--config", str(self.config)],
             stdout=subprocess.PIPE,
             stderr=self.log.open("a"),
             text=True,
-            env=env,
+            env=site_environment(),
         )
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout

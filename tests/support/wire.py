@@ -296,3 +296,21 @@ def assert_still_serving(running: RunningNode, outbox: Path) -> None:
     assert response.get("Status") == SUCCESS, response
     assert wire.sop_instance_uid in stored_rows(running)
     assert not incoming(running)
+
+
+@contextmanager
+def idle_association(port: int, calling: str = "IDLE") -> Iterator[Association]:
+    """A peer that associates and then does nothing: the slow modality, the hung viewer.
+
+    Aborted on leaving if still open (the node may have ended it, or the test released it).
+    """
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    assert assoc.is_established, f"{calling} could not associate"
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+        ae.shutdown()
