@@ -41,11 +41,11 @@ from node.settings import DicomSettings
 
 log = logging.getLogger(__name__)
 
-# Accepted as sent; the node never transcodes on receipt.
 # Identifiers are small: the two uncompressed syntaxes every peer offers suffice.
 QUERY_TRANSFER_SYNTAXES: list[str] = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
 FIND_SOP_CLASSES = [PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind]
 
+# Accepted as sent; the node never transcodes on receipt.
 STORAGE_TRANSFER_SYNTAXES: list[str] = [
     uid.ExplicitVRLittleEndian,
     uid.ImplicitVRLittleEndian,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from node.catalog.database import CatalogConfigError, connect, upgrade_schema
-from node.errors import CatalogUnavailable
+from node.catalog.database import CatalogConfigError
+from node.catalog.recording import Catalog
+from node.errors import CatalogUnavailable, StartupError
 from node.logs import configure_logging
 from node.settings import ConfigError, Settings, load_settings
 
@@ -44,20 +47,27 @@ def _settings(config: Path | None) -> Settings:
     return settings
 
 
-@app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Run the node: receive, store and catalogue images until SIGTERM."""
-    from node.service import StartupError, serve_until_signalled
-
-    settings = _settings(config)
+@contextmanager
+def _exiting_on_startup_errors() -> Iterator[None]:
+    """What stops a command before it can work: a message for the operator and an exit code."""
     try:
-        serve_until_signalled(settings)
+        yield
     except CatalogConfigError as exc:
         raise _fail(f"configuration error: {exc}", CONFIG_EXIT) from None
     except CatalogUnavailable as exc:
         raise _fail(str(exc), RUNTIME_EXIT) from None
     except StartupError as exc:
         raise _fail(f"cannot start: {exc}", RUNTIME_EXIT) from None
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the node: receive, store and catalogue images until SIGTERM."""
+    from node.service import serve_until_signalled
+
+    settings = _settings(config)
+    with _exiting_on_startup_errors():
+        serve_until_signalled(settings)
 
 
 @app.command("config")
@@ -71,9 +81,6 @@ def show_config(config: ConfigOption = None) -> None:
 def db_upgrade(config: ConfigOption = None) -> None:
     """Create or migrate the catalog schema (``serve`` also does this at start-up)."""
     settings = _settings(config)
-    try:
-        engine = connect(settings.catalog_url())
-        upgrade_schema(engine)
-    except CatalogConfigError as exc:
-        raise _fail(f"configuration error: {exc}", CONFIG_EXIT) from None
+    with _exiting_on_startup_errors():
+        Catalog.open(settings.catalog_url()).close()
     print("catalog schema is up to date")

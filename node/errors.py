@@ -1,7 +1,7 @@
-"""Why an instance could not be taken in.
+"""Why the node refused something: an instance, a query, or to start at all.
 
-Deeper layers raise these with a human reason; only the network edge
-(:mod:`node.handlers`) turns them into DIMSE statuses.
+Deeper layers raise these with a human reason; only the edges turn them into
+answers: :mod:`node.handlers` into DIMSE statuses, :mod:`node.cli` into exit codes.
 """
 
 
@@ -44,3 +44,7 @@ class IdentifierMismatch(QueryError):
 
 class UnprocessableQuery(QueryError):
     """A key's value cannot be matched (a malformed date range, a list where one value goes)."""
+
+
+class StartupError(Exception):
+    """The node cannot start; the message names the setting involved."""

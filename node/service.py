@@ -11,15 +11,12 @@ from types import FrameType
 
 from node.acceptor import Acceptor, configure_pynetdicom
 from node.catalog.recording import Catalog
+from node.errors import StartupError
 from node.ingest import Ingestor
 from node.settings import Settings
 from node.storage import ObjectStore
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(Exception):
-    """The node cannot start; the message names the setting involved."""
 
 
 class Node:

@@ -187,6 +187,7 @@ class _Guarded:
 
     def __init__(self, engine: Engine, *, transactional: bool) -> None:
         self._open = engine.begin if transactional else engine.connect
+        self._action = "write" if transactional else "read"
 
     def __enter__(self) -> Connection:
         try:  # engine.connect() connects at once, engine.begin() on entering: both in here
@@ -199,6 +200,6 @@ class _Guarded:
         try:
             self._context.__exit__(exc_type, exc, tb)
         except SQLAlchemyError as error:
-            raise CatalogUnavailable(f"catalog write failed: {error}") from error
+            raise CatalogUnavailable(f"catalog {self._action} failed: {error}") from error
         if isinstance(exc, SQLAlchemyError):
-            raise CatalogUnavailable(f"catalog write failed: {type(exc).__name__}") from exc
+            raise CatalogUnavailable(f"catalog {self._action} failed: {type(exc).__name__}") from exc

@@ -1,33 +1,25 @@
-"""`precedent serve` refuses to start with a clear message and the right exit code."""
+"""`precedent serve` and `precedent db upgrade` stop with a clear message and the right exit code."""
 
 from __future__ import annotations
 
-import os
 import socket
+import sqlite3
 import subprocess
 from pathlib import Path
 
-from tests.support.nodes import precedent_executable
+from tests.support.nodes import run_precedent
 
 CONFIG_EXIT = 2
 RUNTIME_EXIT = 1
 
 
 def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PRECEDENT_")}
     base = {
         "PRECEDENT_DICOM__BIND": "127.0.0.1",
         "PRECEDENT_STORAGE__DATA_DIR": str(tmp_path / "data"),
         "PRECEDENT_STORAGE__MIN_FREE_BYTES": "0",
     }
-    return subprocess.run(
-        [str(precedent_executable()), "serve"],
-        env={**clean, **base, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_precedent("serve", **{**base, **env})
 
 
 def test_a_port_in_use_is_named(tmp_path: Path) -> None:
@@ -60,3 +52,22 @@ def test_a_malformed_catalog_url_is_a_configuration_error(tmp_path: Path) -> Non
     done = serve(tmp_path, PRECEDENT_CATALOG__URL="not a url")
     assert done.returncode == CONFIG_EXIT
     assert "catalog.url" in done.stderr
+
+
+def test_db_upgrade_creates_the_catalog_schema(tmp_path: Path) -> None:
+    database = tmp_path / "catalog.sqlite3"
+    done = run_precedent("db", "upgrade", PRECEDENT_CATALOG__URL=f"sqlite:///{database}")
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stdout
+    with sqlite3.connect(database) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"patients", "studies", "series", "instances", "alembic_version"} <= tables
+
+
+def test_db_upgrade_reports_an_unreachable_catalog(tmp_path: Path) -> None:
+    done = run_precedent(
+        "db", "upgrade", PRECEDENT_CATALOG__URL="postgresql+psycopg://postgres@127.0.0.1:1/none"
+    )
+    assert done.returncode == RUNTIME_EXIT
+    assert "catalog database unreachable" in done.stderr
+    assert "Traceback" not in done.stderr
