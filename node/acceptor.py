@@ -5,8 +5,11 @@ ones the node relies on, once per process, before the AE exists:
 
 * received data sets are streamed to a file in ``incoming/`` instead of being
   decoded in memory (bounded memory for large mammograms; no parse on receipt);
+* a file sent as stored (C-MOVE, C-GET) is streamed from disk as it is, not decoded
+  and re-encoded;
 * presentation contexts of private or unknown storage SOP classes are accepted
-  when ``dicom.accept_private_sop_classes`` is on (vendor mammography objects).
+  when ``dicom.accept_private_sop_classes`` is on (vendor mammography objects);
+* C-MOVE and C-GET are served by the node's handlers (:mod:`node.qr_service`).
 """
 
 from __future__ import annotations
@@ -22,28 +25,44 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.access import AccessPolicy
+from node import qr_service
+from node.access import AccessPolicy, Permissions
 from node.catalog.recording import Catalog
 from node.handlers import (
     discard_partial_dataset,
     handle_association_event,
     handle_association_requested,
     handle_find,
+    handle_get,
+    handle_move,
     handle_store,
 )
 from node.ingest import Ingestor
-from node.settings import DicomSettings
+from node.retrieve import Retriever
+from node.settings import Destination, DicomSettings
+from node.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
 # Identifiers are small: the two uncompressed syntaxes every peer offers suffice.
 QUERY_TRANSFER_SYNTAXES: list[str] = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
-FIND_SOP_CLASSES = [PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind]
+QUERY_RETRIEVE_SOP_CLASSES = [
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+]
 
 # Accepted as sent; the node never transcodes on receipt.
 STORAGE_TRANSFER_SYNTAXES: list[str] = [
@@ -74,7 +93,9 @@ STORAGE_TRANSFER_SYNTAXES: list[str] = [
 def configure_pynetdicom(incoming_dir: Path, *, accept_private_sop_classes: bool) -> str | None:
     """Set pynetdicom's switches for this process; return the previous temp dir to restore."""
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = accept_private_sop_classes
+    qr_service.install()
     _config.VALIDATORS["UI"] = _any_uid
     # pynetdicom creates its receive files with tempfile; keep them on the data disk
     # so that placing one is a rename, not a copy.
@@ -93,11 +114,21 @@ def _any_uid(value: object) -> tuple[bool, str]:
 class Acceptor:
     """Listens on ``dicom.bind:dicom.port`` and serves associations until stopped."""
 
-    def __init__(self, settings: DicomSettings, ingestor: Ingestor, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        settings: DicomSettings,
+        ingestor: Ingestor,
+        catalog: Catalog,
+        *,
+        store: ObjectStore,
+        destinations: list[Destination] | None = None,
+    ) -> None:
         self._settings = settings
         self._ingestor = ingestor
         self._catalog = catalog
+        self._retriever = Retriever(catalog, store, destinations or [])
         self._policy = AccessPolicy(settings.calling_aes(), {settings.ae_title, settings.similar_ae_title})
+        self._permissions = Permissions(settings)
         self._ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
 
@@ -109,20 +140,27 @@ class Acceptor:
         ae.acse_timeout = s.acse_timeout
         ae.dimse_timeout = s.dimse_timeout
         ae.network_timeout = s.network_timeout
+        ae.connection_timeout = s.acse_timeout  # a C-MOVE's destination that never answers
         ae.require_called_aet = False  # checked by the access policy: two titles, one port
         ae.add_supported_context(Verification, QUERY_TRANSFER_SYNTAXES)
-        for sop_class in FIND_SOP_CLASSES:
+        for sop_class in QUERY_RETRIEVE_SOP_CLASSES:
             ae.add_supported_context(sop_class, QUERY_TRANSFER_SYNTAXES)
+        # Role selection accepted as proposed: a C-GET requestor takes the SCP role of the
+        # storage SOP classes it wants to receive.
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), STORAGE_TRANSFER_SYNTAXES)
+            ae.add_supported_context(
+                str(context.abstract_syntax), STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+            )
         return ae
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; return the bound address."""
         handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, handle_association_requested, [self._policy]),
-            (evt.EVT_C_STORE, handle_store, [self._ingestor]),
-            (evt.EVT_C_FIND, handle_find, [self._catalog, self._settings.ae_title]),
+            (evt.EVT_C_STORE, handle_store, [self._ingestor, self._permissions]),
+            (evt.EVT_C_FIND, handle_find, [self._catalog, self._permissions, self._settings.ae_title]),
+            (evt.EVT_C_MOVE, handle_move, [self._retriever, self._permissions, self._settings.ae_title]),
+            (evt.EVT_C_GET, handle_get, [self._retriever, self._permissions, self._settings.ae_title]),
             (evt.EVT_ACCEPTED, handle_association_event),
             (evt.EVT_RELEASED, handle_association_event),
             (evt.EVT_ABORTED, handle_association_event),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 
-from node.settings import CallingAE
+from node.errors import NotPermitted
+from node.settings import CallingAE, DicomSettings, Service
 
 
 class Refusal(enum.Enum):
@@ -26,3 +27,17 @@ class AccessPolicy:
         if self._allowed and not any(entry.admits(calling_ae_title, address) for entry in self._allowed):
             return Refusal.CALLING_AE_NOT_RECOGNIZED
         return None
+
+
+class Permissions:
+    """``dicom.permissions``: what each calling AE may ask once associated, checked per
+    request (the allowlist above decides who may associate at all)."""
+
+    def __init__(self, settings: DicomSettings) -> None:
+        self._settings = settings
+
+    def check(self, calling_ae_title: str, service: Service) -> None:
+        """Raise :class:`NotPermitted`, its message fit for an Error Comment (64 characters
+        at most), when this AE may not use ``service``."""
+        if service not in self._settings.services_of(calling_ae_title):
+            raise NotPermitted(f"calling AE {calling_ae_title.strip()} may not {service} (dicom.permissions)")

@@ -46,5 +46,34 @@ class UnprocessableQuery(QueryError):
     """A key's value cannot be matched (a malformed date range, a list where one value goes)."""
 
 
+class NotPermitted(Exception):
+    """The calling AE asked for a service ``dicom.permissions`` does not grant it."""
+
+
+class RetrieveError(Exception):
+    """A C-MOVE or C-GET the node cannot carry out; ``str(exc)`` says why."""
+
+
+class UnknownDestination(RetrieveError):
+    """The Move Destination is not an AE title listed in ``[[destinations]]``."""
+
+
+class TooManyMatches(RetrieveError):
+    """More instances match than one retrieval can count (its counters are 16-bit)."""
+
+
+class DestinationUnavailable(RetrieveError):
+    """The move destination cannot be reached, or refused the association."""
+
+
 class StartupError(Exception):
     """The node cannot start; the message names the setting involved."""
+
+
+class ModelConfigError(StartupError):
+    """``model.*`` names no usable model: missing, corrupt or mismatched bundle, or a
+    setting the bundle cannot honour. A configuration error: the message names the key."""
+
+
+class NoModelConfigured(ModelConfigError):
+    """``model.bundle`` is not set: the node stores and serves, workers have nothing to do."""

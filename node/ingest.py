@@ -44,11 +44,13 @@ class Ingestor:
         *,
         max_instance_bytes: int,
         replace_duplicates: bool,
+        analyse_with: str | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
         self._max_instance_bytes = max_instance_bytes
         self._replace_duplicates = replace_duplicates
+        self._analyse_with = analyse_with
 
     def ingest(self, received: ReceivedInstance) -> tuple[Outcome, InstanceHeader]:
         """Store and catalogue one instance; raise :class:`~node.errors.IngestError` if refused."""
@@ -74,7 +76,7 @@ class Ingestor:
         self._store.require_free_space()
         stored = self._store.place(received.path, header.sop_instance_uid)
         try:
-            added = self._catalog.add_instance(header, stored, received.calling_ae_title)
+            added = self._catalog.add_instance(header, stored, received.calling_ae_title, self._analyse_with)
         except Exception:  # whatever failed, a file without its row must not stay
             self._store.remove(stored.relative_path)
             raise
@@ -84,5 +86,5 @@ class Ingestor:
         existed = self._catalog.has_instance(header.sop_instance_uid)
         self._store.require_free_space()
         stored = self._store.place(received.path, header.sop_instance_uid)
-        self._catalog.replace_instance(header, stored, received.calling_ae_title)
+        self._catalog.replace_instance(header, stored, received.calling_ae_title, self._analyse_with)
         return Outcome.REPLACED if existed else Outcome.STORED

@@ -1,9 +1,12 @@
-"""C-FIND identifiers translated to SQL over the catalog, and catalog rows back to identifiers.
+"""Query/Retrieve identifiers translated to SQL over the catalog, and catalog rows back to
+identifiers.
 
-Pure translation, no DIMSE and no I/O: :func:`parse_query` reads a request identifier under
+Pure translation, no DIMSE and no I/O: :func:`parse_query` reads a C-FIND identifier under
 an information model into a :class:`Query`; :meth:`Query.statement` is a SQLAlchemy Core
 SELECT that does all the matching (PS3.4 C.2.2.2) in the database, so that matches can be
 streamed; :meth:`Query.response` turns one result row into the identifier to send back.
+:func:`parse_retrieve` reads a C-MOVE / C-GET identifier (unique keys only) into a
+:class:`Selection` of the instances it names.
 
 Matching, per key type: empty value = universal (return the value, match everything);
 ``*`` / ``?`` = wildcard (SQL ``LIKE``, with ``%`` and ``_`` escaped); ``A-B`` / ``A-`` /
@@ -30,7 +33,11 @@ from node.errors import IdentifierMismatch, UnprocessableQuery
 from node.header import UID_PATTERN
 
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 UTF8 = "ISO_IR 192"
 _ESCAPE = "!"
@@ -53,14 +60,19 @@ class Level(Enum):
 
 
 class Model(Enum):
-    """The FIND information models, by the levels they allow."""
+    """The Query/Retrieve information models, by the levels they allow."""
 
     PATIENT_ROOT = (Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE)
     STUDY_ROOT = (Level.STUDY, Level.SERIES, Level.IMAGE)
 
     @classmethod
     def of_sop_class(cls, sop_class_uid: str) -> Model | None:
-        return {PATIENT_ROOT_FIND: cls.PATIENT_ROOT, STUDY_ROOT_FIND: cls.STUDY_ROOT}.get(sop_class_uid)
+        """The model of a FIND, MOVE or GET SOP class of Patient or Study Root."""
+        if sop_class_uid in (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET):
+            return cls.PATIENT_ROOT
+        if sop_class_uid in (STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET):
+            return cls.STUDY_ROOT
+        return None
 
 
 class Kind(Enum):
@@ -226,6 +238,54 @@ def parse_query(identifier: Dataset, model: Model) -> Query:
     return query
 
 
+@dataclass(frozen=True)
+class Selection:
+    """The instances a C-MOVE or C-GET identifier names: every instance under the entities
+    its unique keys match."""
+
+    level: Level
+    conditions: tuple[ColumnElement[bool], ...]
+
+    def instances(self) -> Select[Any]:
+        """Each selected instance's UID, SOP class, stored transfer syntax and file path, in
+        the order the node received them (so that a LIMIT keeps a retrieval to the instances
+        it counted, whatever arrives meanwhile)."""
+        columns = (
+            INSTANCES.c.sop_instance_uid,
+            INSTANCES.c.sop_class_uid,
+            INSTANCES.c.transfer_syntax_uid,
+            INSTANCES.c.file_path,
+        )
+        statement = select(*columns).select_from(_joined(Level.IMAGE)).where(*self.conditions)
+        return statement.order_by(INSTANCES.c.id)
+
+    def composition(self) -> Select[Any]:
+        """How many instances are selected, per (SOP class, stored transfer syntax): what a
+        C-MOVE must propose to its destination, and the sub-operation count."""
+        kinds = (INSTANCES.c.sop_class_uid, INSTANCES.c.transfer_syntax_uid)
+        statement = select(*kinds, func.count().label("instances")).select_from(_joined(Level.IMAGE))
+        return statement.where(*self.conditions).group_by(*kinds)
+
+
+def parse_retrieve(identifier: Dataset, model: Model) -> Selection:
+    """Read a C-MOVE / C-GET identifier (PS3.4 C.4.2.2.1): the unique key of every level
+    above the retrieve level with a single value, and the unique key of the retrieve level
+    itself with one value or, for UIDs, a list of them. Other keys are ignored. Raises as
+    :func:`parse_query` does."""
+    level = _level_of(identifier, model)
+    conditions = [
+        _unique_key_condition(identifier, upper) for upper in model.value[: model.value.index(level)]
+    ]
+    keyword = UNIQUE_KEYS[level]
+    values = _values(identifier[keyword]) if keyword in identifier else []
+    if not values or any(not value or _has_wildcard(value) for value in values):
+        raise IdentifierMismatch(f"{keyword} must name what to retrieve at {level.value} level")
+    key = KEYS[keyword]
+    condition = _condition(key.column, key.kind, values, keyword)
+    assert condition is not None  # only an empty or universal value has no condition
+    return Selection(level, (*conditions, condition))
+
+
 def _level_of(identifier: Dataset, model: Model) -> Level:
     text = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
     if not text:
@@ -236,11 +296,21 @@ def _level_of(identifier: Dataset, model: Model) -> Level:
     return level
 
 
-def _require_unique_key(identifier: Dataset, level: Level) -> None:
+def _require_unique_key(identifier: Dataset, level: Level) -> str:
+    """The single value of ``level``'s unique key, required in an identifier below that level."""
     keyword = UNIQUE_KEYS[level]
     values = _values(identifier[keyword]) if keyword in identifier else []
     if len(values) != 1 or not values[0] or _has_wildcard(values[0]):
-        raise IdentifierMismatch(f"{keyword} must hold a single value to query below {level.value} level")
+        raise IdentifierMismatch(f"{keyword} must hold a single value below {level.value} level")
+    return values[0]
+
+
+def _unique_key_condition(identifier: Dataset, level: Level) -> ColumnElement[bool]:
+    key = KEYS[UNIQUE_KEYS[level]]
+    value = _require_unique_key(identifier, level)
+    condition = _condition(key.column, key.kind, [value], UNIQUE_KEYS[level])
+    assert condition is not None  # only an empty or universal value has no condition
+    return condition
 
 
 def _values(element: DataElement) -> list[str]:

@@ -1,4 +1,5 @@
-"""One running node: the data directory, the catalog and the acceptor, started and
+"""One running node: the data directory, the catalog, the acceptor and, when a model
+bundle is configured, the outbox dispatcher and the local analysis workers, started and
 stopped together."""
 
 from __future__ import annotations
@@ -7,12 +8,16 @@ import logging
 import signal
 import tempfile
 import threading
+from pathlib import Path
 from types import FrameType
 
 from node.acceptor import Acceptor, configure_pynetdicom
+from node.catalog.analyses import AnalysisRecords
 from node.catalog.recording import Catalog
+from node.dispatch import Dispatcher
 from node.errors import StartupError
 from node.ingest import Ingestor
+from node.local_workers import LocalWorkers
 from node.settings import Settings
 from node.storage import ObjectStore
 
@@ -20,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
         self.settings = settings
         self.store = ObjectStore(
             settings.storage.data_dir,
@@ -34,6 +39,13 @@ class Node:
                 f"storage.data_dir {settings.storage.data_dir} is unusable: {exc.strerror or exc}"
             ) from exc
         self.catalog = Catalog.open(settings.catalog_url())
+        self.model_id = self._check_model()
+        self.dispatcher = self._dispatcher() if self.model_id else None
+        self.workers = (
+            LocalWorkers(settings.queue.serve_workers, config_file)
+            if self.model_id and settings.queue.serve_workers
+            else None
+        )
         self._previous_tempdir = configure_pynetdicom(
             self.store.incoming_dir,
             accept_private_sop_classes=settings.dicom.accept_private_sop_classes,
@@ -43,28 +55,73 @@ class Node:
             self.catalog,
             max_instance_bytes=settings.dicom.max_instance_bytes,
             replace_duplicates=settings.storage.on_duplicate == "replace",
+            analyse_with=self.model_id,
         )
-        self.acceptor = Acceptor(settings.dicom, ingestor, self.catalog)
+        self.acceptor = Acceptor(
+            settings.dicom, ingestor, self.catalog, store=self.store, destinations=settings.destinations
+        )
+
+    def _check_model(self) -> str | None:
+        """Load and check the bundle now, so that a bad one stops the start-up, not the
+        first image; without one the node stores and serves, and says so."""
+        if self.settings.model.bundle is None:  # checked first: no torch import for a storing node
+            log.warning("analysis is off: model.bundle is not set; images are stored and served only")
+            return None
+        from workers.runtime import bundle_of, model_record
+
+        bundle = bundle_of(self.settings)
+        AnalysisRecords(self.catalog).register_model(model_record(bundle))
+        log.info(
+            "analysis on: model %s (%s, labels %s)",
+            bundle.id[:12],
+            bundle.architecture,
+            ", ".join(bundle.labels),
+        )
+        return bundle.id
+
+    def _dispatcher(self) -> Dispatcher:
+        from workers.app import ANALYZE_INSTANCE, ASSESS_STUDY, app
+
+        assert self.model_id is not None
+        app.use_settings(self.settings)
+        return Dispatcher(
+            AnalysisRecords(self.catalog),
+            app.publish,
+            model_id=self.model_id,
+            analyze_task=ANALYZE_INSTANCE,
+            assess_task=ASSESS_STUDY,
+            queue=self.settings.queue,
+            study=self.settings.study,
+        )
 
     def start(self) -> tuple[str, int]:
         try:
-            return self.acceptor.start()
+            address = self.acceptor.start()
         except OSError as exc:
             dicom = self.settings.dicom
             raise StartupError(
                 f"cannot listen on {dicom.bind}:{dicom.port} (dicom.bind, dicom.port): {exc.strerror or exc}"
             ) from exc
+        if self.dispatcher is not None:
+            self.dispatcher.start()
+        if self.workers is not None:
+            self.workers.start()
+        return address
 
     def stop(self) -> bool:
         finished = self.acceptor.stop(self.settings.dicom.shutdown_timeout)
+        if self.workers is not None:
+            self.workers.stop(self.settings.dicom.shutdown_timeout)
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         self.catalog.close()
         tempfile.tempdir = self._previous_tempdir
         return finished
 
 
-def serve_until_signalled(settings: Settings) -> None:
+def serve_until_signalled(settings: Settings, config_file: Path | None = None) -> None:
     """Run the node until SIGTERM or SIGINT, then shut down gracefully."""
-    node = Node(settings)
+    node = Node(settings, config_file)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:

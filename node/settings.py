@@ -9,6 +9,7 @@ sites keep their files across versions, so keys are added, never renamed.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,6 +50,9 @@ def _check_pdu_size(value: int) -> int:
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# What a calling AE may ask of the node (dicom.permissions): C-STORE; C-FIND; C-MOVE and C-GET.
+Service = Literal["store", "query", "retrieve"]
+SERVICES: tuple[Service, ...] = ("store", "query", "retrieve")
 
 
 class _Section(BaseModel):
@@ -100,6 +104,7 @@ class DicomSettings(_Section):
     dimse_timeout: float = Field(60.0, gt=0)
     network_timeout: float = Field(120.0, gt=0)
     shutdown_timeout: float = Field(30.0, ge=0)
+    permissions: dict[AETitle, list[Service]] = {}
 
     @model_validator(mode="after")
     def _distinct_titles(self) -> DicomSettings:
@@ -109,6 +114,11 @@ class DicomSettings(_Section):
 
     def calling_aes(self) -> list[CallingAE]:
         return [CallingAE.parse(entry) for entry in self.allowed_calling_aets]
+
+    def services_of(self, calling_ae_title: str) -> frozenset[Service]:
+        """What ``dicom.permissions`` lets this calling AE do: all services when it is not listed."""
+        granted = self.permissions.get(calling_ae_title.strip())
+        return frozenset(SERVICES if granted is None else granted)
 
 
 class StorageSettings(_Section):
@@ -124,6 +134,15 @@ class CatalogSettings(_Section):
 
 class QueueSettings(_Section):
     broker_url: str = ""
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")] = "precedent"
+    serve_workers: int = Field(1, ge=0, le=64)
+    worker_concurrency: int = Field(1, ge=1, le=64)
+    poll_seconds: float = Field(0.2, gt=0, le=60)
+    max_in_flight: int = Field(256, ge=1)
+    republish_seconds: float = Field(300.0, gt=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    max_attempts: int = Field(5, ge=1, le=100)
+    retry_backoff_seconds: float = Field(2.0, ge=0)
 
 
 class StudySettings(_Section):
@@ -132,6 +151,14 @@ class StudySettings(_Section):
 
 class ModelSettings(_Section):
     bundle: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, le=256)
+    batch_size: int = Field(8, ge=1, le=1024)
+    batch_wait_seconds: float = Field(0.05, ge=0, le=10)
+    frame_policy: Literal["middle", "each", "most_suspicious"] = "middle"
+    max_frames: int = Field(32, ge=1, le=10000)
+    gradcam: bool = True
+    gradcam_label: str = ""
 
 
 class LoggingSettings(_Section):
@@ -190,6 +217,16 @@ class Settings(BaseSettings):
         if self.catalog.url:
             return self.catalog.url
         return f"sqlite:///{(self.storage.data_dir / 'catalog.sqlite3').resolve()}"
+
+
+CONFIG_FILE_VARIABLE = "PRECEDENT_CONFIG"
+
+
+def config_file_from_environment() -> Path | None:
+    """The settings file named by ``PRECEDENT_CONFIG``, for processes started without a
+    ``--config`` option (``celery -A workers.app worker``)."""
+    named = os.environ.get(CONFIG_FILE_VARIABLE, "")
+    return Path(named) if named else None
 
 
 def load_settings(config_file: Path | None = None) -> Settings:

@@ -58,10 +58,16 @@ def _connect_sqlite(url: str) -> Engine:
     return engine
 
 
-def upgrade_schema(engine: Engine) -> None:
-    """Apply every Alembic revision not yet applied; safe to run at each start-up."""
+def alembic_config() -> Config:
+    """The Alembic configuration of the catalog's migrations (shipped inside the package)."""
     config = Config()
     config.set_main_option("script_location", str(resources.files("node.catalog") / "migrations"))
+    return config
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Apply every Alembic revision not yet applied; safe to run at each start-up."""
+    config = alembic_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

@@ -9,8 +9,22 @@ Any change here comes with an Alembic revision in ``node/catalog/migrations``.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UID = String(64)
@@ -48,6 +62,8 @@ class Study(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # When the last instance arrived: study completion waits for this to age.
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # Set by every new instance, cleared when the study's assessment is requested.
+    assessment_due: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
 
 
 class Series(Base):
@@ -85,8 +101,115 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+MODEL_ID = String(64)  # sha256 hex of the bundle file
+
+
+class WorkItem:
+    """The columns of a unit of work that is its own outbox entry (DESIGN.md invariants).
+
+    ``pending`` (recorded, not yet published) → ``queued`` (published to the broker)
+    → ``running`` (claimed by one worker, under a lease) → ``done``, ``failed`` or
+    ``skipped``. A lost message or a dead worker leaves a stale ``queued`` or ``running``
+    row that the node turns back to ``pending``; the claim token makes sure only the
+    worker holding the lease writes the result.
+    """
+
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Model(Base):
+    """A model bundle the node has analysed with: what its results mean."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[str] = mapped_column(MODEL_ID, unique=True)
+    architecture: Mapped[str] = mapped_column(String)
+    labels: Mapped[list[str]] = mapped_column(JSON)
+    clinical_use: Mapped[bool] = mapped_column(Boolean)
+    description: Mapped[dict[str, Any]] = mapped_column(JSON)
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Analysis(WorkItem, Base):
+    """The analysis of one instance by one model: request, state and results in one row."""
+
+    __tablename__ = "analyses"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "model_id"),
+        Index("ix_analyses_state_published_at", "state", "published_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    model_id: Mapped[str] = mapped_column(MODEL_ID)
+    predicted_label: Mapped[str | None] = mapped_column(String)
+    # {label: probability} of the reported frame
+    probabilities: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    frame_index: Mapped[int | None] = mapped_column(Integer)
+    # [{frame, probabilities}] when several frames were analysed
+    frames: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # (top, left, bottom, right) of the analysed region in the frame
+    crop: Mapped[list[int] | None] = mapped_column(JSON)
+    # Grad-CAM: uint8 heatmap_size x heatmap_size, zlib-compressed, over the crop
+    heatmap: Mapped[bytes | None] = mapped_column(LargeBinary)
+    heatmap_size: Mapped[int | None] = mapped_column(Integer)
+    heatmap_label: Mapped[str | None] = mapped_column(String)
+    # seconds per stage: decode, preprocess, model, gradcam, …
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+
+
+class Embedding(Base):
+    """The embedding of one instance by one model; ids grow as they are written, so the
+    similarity index can follow the table by high-water mark."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "model_id"),
+        Index("ix_embeddings_model_id_id", "model_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    model_id: Mapped[str] = mapped_column(MODEL_ID)
+    dimension: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, little-endian
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyAssessment(WorkItem, Base):
+    """One revision of a study's assessment by one model, made when the study is stable.
+
+    A study that grows after its assessment gets a new revision; earlier ones stay (the
+    results issue lists them as predecessors of the new report).
+    """
+
+    __tablename__ = "study_assessments"
+    __table_args__ = (UniqueConstraint("study_pk", "model_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    model_id: Mapped[str] = mapped_column(MODEL_ID)
+    revision: Mapped[int] = mapped_column(Integer)
+    finding: Mapped[str | None] = mapped_column(String)
+    probability: Mapped[float | None] = mapped_column(Float)
+    source_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    analysed_instances: Mapped[int | None] = mapped_column(Integer)
+
+
 # The tables as Core objects (typed Table), for statements built without the ORM.
 PATIENTS = Base.metadata.tables["patients"]
 STUDIES = Base.metadata.tables["studies"]
 SERIES = Base.metadata.tables["series"]
 INSTANCES = Base.metadata.tables["instances"]
+MODELS = Base.metadata.tables["models"]
+ANALYSES = Base.metadata.tables["analyses"]
+EMBEDDINGS = Base.metadata.tables["embeddings"]
+STUDY_ASSESSMENTS = Base.metadata.tables["study_assessments"]

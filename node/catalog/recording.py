@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BindParameter, Engine, Select, Table, bindparam, func, select
+from sqlalchemy import BindParameter, Engine, Select, Table, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from node.catalog.database import connect, upgrade_schema
-from node.catalog.models import INSTANCES, PATIENTS, SERIES, STUDIES, Instance
+from node.catalog.models import ANALYSES, EMBEDDINGS, INSTANCES, PATIENTS, SERIES, STUDIES, Instance
 from node.errors import CatalogUnavailable
 from node.header import InstanceHeader
 from node.storage import StoredFile
@@ -32,7 +32,9 @@ class Catalog:
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         # Built once: constructing SQLAlchemy statements per C-STORE cost more than running them.
         self._upsert_patient = _upsert(insert, PATIENTS, ["patient_id", "issuer_of_patient_id"], [])
-        self._upsert_study = _upsert(insert, STUDIES, ["study_instance_uid"], ["updated_at"])
+        self._upsert_study = _upsert(
+            insert, STUDIES, ["study_instance_uid"], ["updated_at", "assessment_due"]
+        )
         self._upsert_series = _upsert(insert, SERIES, ["series_instance_uid"], [])
         instance = insert(INSTANCES).values(_bound(INSTANCES))
         self._insert_instance = instance.on_conflict_do_nothing(
@@ -41,9 +43,15 @@ class Catalog:
         self._replace_instance = instance.on_conflict_do_update(
             index_elements=["sop_instance_uid"],
             set_={c: instance.excluded[c] for c in _columns(INSTANCES) if c != "sop_instance_uid"},
-        )
+        ).returning(INSTANCES.c.id)
         self._find_instance = select(INSTANCES.c.id).where(
             INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
+        )
+        self._request_analysis = insert(ANALYSES).values(_bound(ANALYSES, _REQUEST_COLUMNS))
+        self._renew_analysis = self._request_analysis.on_conflict_do_update(
+            index_elements=["instance_pk", "model_id"],
+            set_={c: self._request_analysis.excluded[c] for c in _REQUEST_COLUMNS if c != "model_id"}
+            | dict.fromkeys(_RESULT_COLUMNS),
         )
 
     @classmethod
@@ -60,36 +68,61 @@ class Catalog:
         self.engine.dispose()
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        with self._connection() as connection:
+        with self.connection() as connection:
             found = connection.execute(self._find_instance, {"sop_instance_uid": sop_instance_uid})
             return found.first() is not None
 
     def instance_count(self) -> int:
-        with self._connection() as connection:
+        with self.connection() as connection:
             return int(connection.execute(select(func.count(Instance.id))).scalar_one())
 
     def stream(self, statement: Select[Any], batch: int = 100) -> Iterator[Row[Any]]:
         """The rows of a read-only query, fetched ``batch`` at a time as they are consumed
         (a server-side cursor on PostgreSQL), so that a query matching the whole catalog
         never holds it in memory. Closing the iterator early releases the connection."""
-        with self._connection() as connection:
+        with self.connection() as connection:
             yield from connection.execution_options(yield_per=batch).execute(statement)
 
-    def add_instance(self, header: InstanceHeader, stored: StoredFile, calling_ae_title: str) -> bool:
-        """Record a new instance with its patient, study and series.
+    def add_instance(
+        self,
+        header: InstanceHeader,
+        stored: StoredFile,
+        calling_ae_title: str,
+        analyse_with: str | None = None,
+    ) -> bool:
+        """Record a new instance with its patient, study and series, and, when
+        ``analyse_with`` names a model, its analysis request (the outbox entry) in the
+        same transaction: an acknowledged image always has its request.
 
         Returns False, changing nothing about the instance, when its SOP Instance
         UID is already recorded (a concurrent duplicate).
         """
-        with self._transaction() as connection:
+        with self.transaction() as connection:
             row = self._instance_row(connection, header, stored, calling_ae_title)
-            return connection.execute(self._insert_instance, row).first() is not None
+            added = connection.execute(self._insert_instance, row).first()
+            if added is not None and analyse_with is not None:
+                connection.execute(self._request_analysis, _analysis_request(added.id, header, analyse_with))
+            return added is not None
 
-    def replace_instance(self, header: InstanceHeader, stored: StoredFile, calling_ae_title: str) -> None:
-        """Record an instance, overwriting what was recorded under its SOP Instance UID."""
-        with self._transaction() as connection:
+    def replace_instance(
+        self,
+        header: InstanceHeader,
+        stored: StoredFile,
+        calling_ae_title: str,
+        analyse_with: str | None = None,
+    ) -> None:
+        """Record an instance, overwriting what was recorded under its SOP Instance UID;
+        its earlier results for ``analyse_with`` are cleared and requested again."""
+        with self.transaction() as connection:
             row = self._instance_row(connection, header, stored, calling_ae_title)
-            connection.execute(self._replace_instance, row)
+            instance_pk = connection.execute(self._replace_instance, row).scalar_one()
+            if analyse_with is not None:
+                connection.execute(
+                    delete(EMBEDDINGS).where(
+                        EMBEDDINGS.c.instance_pk == instance_pk, EMBEDDINGS.c.model_id == analyse_with
+                    )
+                )
+                connection.execute(self._renew_analysis, _analysis_request(instance_pk, header, analyse_with))
 
     def _instance_row(
         self, connection: Connection, header: InstanceHeader, stored: StoredFile, calling_ae_title: str
@@ -124,6 +157,7 @@ class Catalog:
                 "referring_physician_name": header.referring_physician_name,
                 "created_at": now,
                 "updated_at": now,
+                "assessment_due": True,
             },
         ).scalar_one()
         series_pk = connection.execute(
@@ -156,19 +190,54 @@ class Catalog:
             "received_at": now,
         }
 
-    def _transaction(self) -> _Guarded:
+    def transaction(self) -> _Guarded:
+        """A connection in a transaction, committed on leaving; database errors surface as
+        :class:`CatalogUnavailable`."""
         return _Guarded(self.engine, transactional=True)
 
-    def _connection(self) -> _Guarded:
+    def connection(self) -> _Guarded:
+        """A connection for reads, database errors surfacing as :class:`CatalogUnavailable`."""
         return _Guarded(self.engine, transactional=False)
+
+
+_REQUEST_COLUMNS = ["instance_pk", "model_id", "state", "reason", "attempts", "requested_at"]
+_RESULT_COLUMNS = [
+    "claim_token",
+    "lease_until",
+    "published_at",
+    "finished_at",
+    "predicted_label",
+    "probabilities",
+    "frame_index",
+    "frames",
+    "crop",
+    "heatmap",
+    "heatmap_size",
+    "heatmap_label",
+    "timings",
+]
+
+
+def _analysis_request(instance_pk: int, header: InstanceHeader, model_id: str) -> dict[str, Any]:
+    """A pending request, or, for an object without an image (SR, PR, KO, …), a request
+    already closed as skipped: such objects are kept and served, never failed."""
+    is_image = header.rows is not None and header.columns is not None
+    return {
+        "instance_pk": instance_pk,
+        "model_id": model_id,
+        "state": "pending" if is_image else "skipped",
+        "reason": "" if is_image else "not an image (no Rows/Columns)",
+        "attempts": 0,
+        "requested_at": datetime.now(UTC),
+    }
 
 
 def _columns(table: Table) -> list[str]:
     return [column.name for column in table.columns if column.name != "id"]
 
 
-def _bound(table: Table) -> dict[str, BindParameter[Any]]:
-    return {name: bindparam(name) for name in _columns(table)}
+def _bound(table: Table, columns: list[str] | None = None) -> dict[str, BindParameter[Any]]:
+    return {name: bindparam(name) for name in (columns or _columns(table))}
 
 
 def _upsert(insert: Any, table: Table, keys: list[str], touch: list[str]) -> Any:

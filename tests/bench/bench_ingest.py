@@ -62,6 +62,7 @@ from node.catalog.models import Instance
 from tests.support.data import PYDICOM_DATA_DIR
 from tests.support.dcmtk import DCMTK_ENV, dcmtk, parse_storescu_log
 from tests.support.nodes import NodeProcess, free_port, write_config
+from tests.support.peers import wait_for_echo
 from tests.support.postgres import scratch_database
 
 Peer = Literal["storescp", "precedent"]
@@ -250,24 +251,6 @@ class PeerRun:
         return p.acknowledged == self.instances == self.stored and not p.refused and not p.failures
 
 
-def wait_until_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    """storescp prints nothing when ready: poll with echoscu until it answers a C-ECHO."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"storescp exited with {process.returncode} before listening")
-        echo = subprocess.run(
-            [dcmtk("echoscu"), "-aet", CALLING_AE, "-aec", CALLED_AE, "-to", "2", "127.0.0.1", str(port)],
-            env=DCMTK_ENV,
-            capture_output=True,
-            check=False,
-        )
-        if echo.returncode == 0:
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"storescp did not answer on port {port} within {timeout} s")
-
-
 def run_storescp(files: Sequence[Path], senders: int, workdir: Path) -> PeerRun:
     """DCMTK's storescp, accepting the transfer syntax as sent; forking one process per
     association when there are several senders, so that it may serve them concurrently
@@ -281,7 +264,7 @@ def run_storescp(files: Sequence[Path], senders: int, workdir: Path) -> PeerRun:
     with (workdir / "storescp.log").open("wb") as log:
         process = subprocess.Popen([*command, str(port)], env=DCMTK_ENV, stdout=log, stderr=log)
     try:
-        wait_until_listening(port, process)
+        wait_for_echo(port, process)
         result = push(port, files, senders, workdir / "senders")
     finally:
         process.send_signal(signal.SIGTERM)

@@ -165,12 +165,80 @@ def findscu(
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("rsp*.dcm"):
         old.unlink()
-    command = [dcmtk("findscu"), "-v", model, "-X", "-od", str(directory), "-aet", calling, "-aec", called]
+    options = [model, "-X", "-od", str(directory), "-aet", calling, "-aec", called]
+    returncode, output = query_retrieve_tool("findscu", options, keys, port, timeout)
+    responses = [dcmread(path) for path in sorted(directory.glob("rsp*.dcm"))]
+    return FindRun(returncode, output, responses)
+
+
+def query_retrieve_tool(
+    tool: str, options: Sequence[str], keys: Sequence[str], port: int, timeout: float
+) -> tuple[int, str]:
+    """Run findscu, movescu or getscu verbosely with ``options`` and ``-k`` ``keys`` against
+    the node on loopback ``port``; return its exit code and its whole log."""
+    command = [dcmtk(tool), "-v", *options]
     for key in keys:
         command += ["-k", key]
     command += ["127.0.0.1", str(port)]
     done = subprocess.run(
         command, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout, check=False
     )
-    responses = [dcmread(path) for path in sorted(directory.glob("rsp*.dcm"))]
-    return FindRun(done.returncode, done.stdout + done.stderr, responses)
+    return done.returncode, done.stdout + done.stderr
+
+
+@dataclass
+class RetrieveRun:
+    """What movescu or getscu did: its log, the responses' statuses as DCMTK names them
+    (the last one is the final status) and, for getscu, the files it wrote."""
+
+    returncode: int
+    output: str
+    statuses: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def final(self) -> str:
+        return self.statuses[-1] if self.statuses else ""
+
+
+_MOVE_RESPONSE = re.compile(r"Received (?:Final )?Move Response(?: \d+)? \((.+)\)")
+_GET_RESPONSE = re.compile(r"Received C-GET Response \((.+)\)")
+
+
+def movescu(
+    port: int,
+    keys: Sequence[str],
+    destination: str,
+    *,
+    model: str = "-S",
+    called: str = "PRECEDENT",
+    calling: str = "MOVESCU",
+    timeout: float = 300,
+) -> RetrieveRun:
+    """One C-MOVE with ``keys`` (``-k`` syntax) to the AE title ``destination``."""
+    options = [model, "-aet", calling, "-aec", called, "-aem", destination]
+    returncode, output = query_retrieve_tool("movescu", options, keys, port, timeout)
+    return RetrieveRun(returncode, output, _MOVE_RESPONSE.findall(output))
+
+
+def getscu(
+    port: int,
+    keys: Sequence[str],
+    directory: Path,
+    *options: str,
+    model: str = "-S",
+    called: str = "PRECEDENT",
+    calling: str = "GETSCU",
+    timeout: float = 300,
+) -> RetrieveRun:
+    """One C-GET with ``keys``; ``options`` choose what getscu proposes for storage (e.g.
+    ``+xs`` prefers JPEG Lossless). The received files are written to ``directory``.
+
+    getscu (DcmSCU) never reads the identifier that follows a final Warning or Failure
+    response, and then reports its release as failed: read the statuses, not the exit code.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    arguments = [model, "-aet", calling, "-aec", called, *options, "-od", str(directory)]
+    returncode, output = query_retrieve_tool("getscu", arguments, keys, port, timeout)
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    return RetrieveRun(returncode, output, _GET_RESPONSE.findall(output), files)
