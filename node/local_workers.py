@@ -12,11 +12,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 _RESTART_DELAY_SECONDS = 2.0
+# glibc's malloc returns torch's large buffers to the kernel after each batch and takes
+# them back page by page: measured here, tcmalloc made a worker 10-75 % faster.
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def worker_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The node's environment, with tcmalloc preloaded where the system has it (Debian's
+    libtcmalloc-minimal4) and nothing else is preloaded already."""
+    child = dict(environment)
+    if TCMALLOC.exists() and not child.get("LD_PRELOAD"):
+        child["LD_PRELOAD"] = str(TCMALLOC)
+    return child
 
 
 class LocalWorkers:
@@ -38,7 +51,7 @@ class LocalWorkers:
         return [process.pid for process in self._processes]
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(self._command, env=os.environ.copy())
+        process = subprocess.Popen(self._command, env=worker_environment(os.environ))
         log.info("analysis worker started (pid %d)", process.pid)
         return process
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Decoding is the pipeline's bottleneck in front of a GPU (~50 ms per ultrasound frame on
 # one core against well under 1 ms of model time): use the host's cores, within reason.
-_DECODE_THREADS = max(2, min(8, os.cpu_count() or 1))
+_DECODE_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
 class AnalysisSetupError(ModelConfigError):

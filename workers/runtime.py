@@ -21,6 +21,9 @@ from workers.bundles import BundleError, ModelBundle, load_bundle
 
 log = logging.getLogger(__name__)
 
+# Forward batches claimed at once: decoding overlaps the model only across batches.
+BATCHES_PER_CLAIM = 4
+
 
 def bundle_of(settings: Settings) -> ModelBundle:
     """Load and check the configured bundle; :class:`ModelConfigError` says what is wrong."""
@@ -66,11 +69,12 @@ class WorkerRuntime:
         return self.analyzer.bundle.id
 
     def claim_batch(self, analysis_id: int) -> Claim:
-        """Claim the named analysis and, up to ``model.batch_size``, others already published
-        for this model: their own messages will then find them finished and do nothing.
-        Waits up to ``model.batch_wait_seconds`` once for a batch to fill."""
+        """Claim the named analysis and others already published for this model, up to a few
+        forward batches: their own messages will then find them finished and do nothing, and
+        the files of one batch are decoded while the model runs on the one before. Waits up
+        to ``model.batch_wait_seconds`` once for a batch to fill."""
         lease = self.settings.queue.lease_seconds
-        size = self.settings.model.batch_size
+        size = self.settings.model.batch_size * BATCHES_PER_CLAIM
         same_model = ANALYSES.c.model_id == self.model_id
         table = self.records.analyses
         claim = table.claim([analysis_id], lease, same_model)

@@ -126,6 +126,11 @@ class Site:
         with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
             return list(connection.execute(select(ANALYSES.c.attempts).order_by(ANALYSES.c.id)).scalars())
 
+    def states_and_attempts(self) -> list[tuple[str, int]]:
+        with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
+            rows = connection.execute(select(ANALYSES.c.state, ANALYSES.c.attempts).order_by(ANALYSES.c.id))
+            return [(state, int(attempts)) for state, attempts in rows]
+
     def finished_at(self) -> list[Any]:
         with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
             return list(connection.execute(select(ANALYSES.c.finished_at).order_by(ANALYSES.c.id)).scalars())
