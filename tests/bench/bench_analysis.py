@@ -71,7 +71,6 @@ from typing import Literal, TextIO
 
 import torch
 from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from node.catalog.analyses import AnalysisRecords
@@ -81,6 +80,7 @@ from node.ingest import Ingestor, ReceivedInstance
 from node.settings import Settings
 from node.storage import ObjectStore
 from tests.bench.bench_ingest import CatalogKind, catalog_database, warm_page_cache
+from tests.bench.copies import cached_copies
 from tests.support.data import ultrasound_file
 from tests.support.models import tiny_bundle
 from tests.support.nodes import node_settings
@@ -107,7 +107,6 @@ LOOP_STEPS = ("claim", "targets", "analyse", "record")
 # (glibc raises its mmap threshold only as large blocks are freed) and kernel selection.
 WARM_UP_BATCHES = 3
 _CACHE_ROOT = Path(tempfile.gettempdir()) / "precedent-bench-analysis"
-_COMPLETE = ".complete"
 _CALLING_AE = "BENCH"
 
 
@@ -124,44 +123,13 @@ class SourceFile:
 
 
 def prepare_files(n: int, cache_root: Path = _CACHE_ROOT) -> list[SourceFile]:
-    """N copies of :data:`SOURCE`, each a new instance, cached across runs.
-
-    A cache directory is complete or absent: copies are written into a staging
-    directory that is renamed into place at the end, so two benchmarks preparing
-    the same set at once cannot see each other's half-written files.
-    """
-    target = cache_root / f"{SOURCE.stem}-{n}"
-    if not (target / _COMPLETE).exists():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_root))
-        _write_copies(n, staging)
-        (staging / _COMPLETE).touch()
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first, or a stale incomplete copy
-            if (target / _COMPLETE).exists():
-                shutil.rmtree(staging, ignore_errors=True)
-            else:
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
+    """N copies of :data:`SOURCE`, each a new instance, cached across runs, with the UIDs
+    ingest needs."""
     files = []
-    for path in sorted(target.glob("*.dcm")):
+    for path in cached_copies(SOURCE, n, cache_root, INSTANCES_PER_STUDY):
         header = dcmread(path, stop_before_pixels=True)
         files.append(SourceFile(path, str(header.SOPClassUID), str(header.SOPInstanceUID)))
     return files
-
-
-def _write_copies(n: int, directory: Path) -> None:
-    dataset = dcmread(SOURCE)
-    for index in range(n):
-        if index % INSTANCES_PER_STUDY == 0:
-            dataset.StudyInstanceUID = generate_uid()
-            dataset.SeriesInstanceUID = generate_uid()
-            dataset.PatientID = f"BENCH-{index // INSTANCES_PER_STUDY:06d}"
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        dataset.InstanceNumber = index % INSTANCES_PER_STUDY + 1
-        dataset.save_as(directory / f"{index:06d}.dcm", enforce_file_format=True)
 
 
 def batched_inputs(

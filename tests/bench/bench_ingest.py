@@ -53,12 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO
 
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from node.catalog.database import connect
 from node.catalog.models import Instance
+from tests.bench.copies import cached_copies
 from tests.support.data import PYDICOM_DATA_DIR
 from tests.support.dcmtk import DCMTK_ENV, dcmtk, parse_storescu_log
 from tests.support.nodes import NodeProcess, free_port, write_config
@@ -78,7 +77,6 @@ CALLED_AE = "PRECEDENT"
 CALLING_AE = "BENCHSCU"
 GOAL_RATIO = 0.8
 _CACHE_ROOT = Path(tempfile.gettempdir()) / "precedent-bench-ingest"
-_COMPLETE = ".complete"
 
 # log4cplus: only storescu's INFO narrative, into a file, stamped to the microsecond
 # (%Q is "milliseconds.microseconds"); buffered so that logging costs storescu little.
@@ -101,40 +99,8 @@ _DAY = 86_400.0
 
 
 def prepare_files(n: int, cache_root: Path = _CACHE_ROOT) -> list[Path]:
-    """N copies of :data:`SOURCE`, each a new instance, cached across runs.
-
-    A cache directory is complete or absent: copies are written into a staging
-    directory that is renamed into place at the end, so two benchmarks preparing
-    the same set at once cannot see each other's half-written files.
-    """
-    target = cache_root / f"{SOURCE.stem}-{n}"
-    if not (target / _COMPLETE).exists():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache_root))
-        _write_copies(n, staging)
-        (staging / _COMPLETE).touch()
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first, or a stale incomplete copy
-            if (target / _COMPLETE).exists():
-                shutil.rmtree(staging, ignore_errors=True)
-            else:
-                shutil.rmtree(target, ignore_errors=True)
-                staging.rename(target)
-    return sorted(target.glob("*.dcm"))
-
-
-def _write_copies(n: int, directory: Path) -> None:
-    dataset = dcmread(SOURCE)
-    for index in range(n):
-        if index % INSTANCES_PER_STUDY == 0:
-            dataset.StudyInstanceUID = generate_uid()
-            dataset.SeriesInstanceUID = generate_uid()
-            dataset.AccessionNumber = f"BENCH{index // INSTANCES_PER_STUDY:06d}"
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        dataset.InstanceNumber = index % INSTANCES_PER_STUDY + 1
-        dataset.save_as(directory / f"{index:06d}.dcm", enforce_file_format=True)
+    """N copies of :data:`SOURCE`, each a new instance, cached across runs."""
+    return cached_copies(SOURCE, n, cache_root, INSTANCES_PER_STUDY)
 
 
 def warm_page_cache(files: Sequence[Path]) -> int:
