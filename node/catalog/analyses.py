@@ -166,7 +166,20 @@ class AnalysisRecords:
         if study_uid is not None:
             criteria.append(a.instance_pk.in_(_instances_of_study(study_uid)))
         again = self.analyses.request_again(*criteria)
-        return again + (0 if failed_only else self._request_missing(model_id, study_uid))
+        requested = again + (0 if failed_only else self._request_missing(model_id, study_uid))
+        self._flag_studies_with_pending_analyses(model_id)
+        return requested
+
+    def _flag_studies_with_pending_analyses(self, model_id: str) -> None:
+        """Their assessment is due again once the new analyses finish."""
+        pending = (
+            select(SERIES.c.study_pk)
+            .join(INSTANCES, INSTANCES.c.series_pk == SERIES.c.id)
+            .join(ANALYSES, ANALYSES.c.instance_pk == INSTANCES.c.id)
+            .where(ANALYSES.c.model_id == model_id, ANALYSES.c.state == PENDING)
+        )
+        with self.catalog.transaction() as connection:
+            connection.execute(update(STUDIES).where(STUDIES.c.id.in_(pending)).values(assessment_due=True))
 
     def _request_missing(self, model_id: str, study_uid: str | None) -> int:
         i = INSTANCES.c
@@ -233,6 +246,11 @@ class AnalysisRecords:
     def _request_assessment(self, connection: Connection, study_pk: int, model_id: str) -> int:
         sa = STUDY_ASSESSMENTS.c
         connection.execute(update(STUDIES).where(STUDIES.c.id == study_pk).values(assessment_due=False))
+        requested = connection.execute(
+            select(func.count()).select_from(_analyses_of_study(study_pk, model_id).subquery())
+        ).scalar_one()
+        if not requested:  # stored while analysis was off: reanalysis flags it again
+            return 0
         finished = connection.execute(
             select(func.count()).select_from(
                 _analyses_of_study(study_pk, model_id).where(ANALYSES.c.state == DONE).subquery()

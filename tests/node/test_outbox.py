@@ -198,3 +198,17 @@ def test_a_replaced_instance_is_analysed_again_and_loses_its_old_embedding(recor
     with catalog.connection() as connection:
         assert connection.execute(select(ANALYSES.c.predicted_label)).scalar_one() is None
         assert connection.execute(select(EMBEDDINGS.c.id)).all() == []
+
+
+def test_a_study_stored_while_analysis_was_off_is_assessed_after_its_reanalysis(
+    records: AnalysisRecords,
+) -> None:
+    catalog = records.catalog
+    catalog.add_instance(replace(header(1), rows=8, columns=8), stored(1), "US")  # analysis off
+    age_studies(records, 120)
+    assert records.request_due_assessments(MODEL, stable_seconds=60) == 0  # nothing analysed: no report
+    assert records.request_reanalysis(MODEL, study_uid=None, failed_only=False) == 1
+    claim = claim_all(records)
+    records.record(claim, MODEL, [result(claim.ids[0], "malignant", 0.8)])
+    age_studies(records, 120)
+    assert records.request_due_assessments(MODEL, stable_seconds=60) == 1
