@@ -49,6 +49,7 @@ from node.handlers import (
 from node.ingest import Ingestor
 from node.retrieve import Retriever
 from node.settings import Destination, DicomSettings
+from node.sockets import send_without_delay
 from node.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class Acceptor:
             (evt.EVT_ACCEPTED, handle_association_event),
             (evt.EVT_RELEASED, handle_association_event),
             (evt.EVT_ABORTED, handle_association_event),
+            (evt.EVT_CONN_OPEN, send_without_delay),
             (evt.EVT_CONN_CLOSE, discard_partial_dataset),
         ]
         self._server = self._ae.start_server(

@@ -27,7 +27,7 @@ import numpy as np
 from pydicom import dcmread, uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
@@ -36,6 +36,7 @@ from node.catalog.recording import Catalog
 from node.errors import DestinationUnavailable, TooManyMatches, UnknownDestination
 from node.query import Model, Selection, parse_retrieve
 from node.settings import Destination
+from node.sockets import send_without_delay
 from node.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ class Retriever:
             contexts=plan.contexts(),
             ae_title=destination.ae_title,
             max_pdu=ae.maximum_pdu_size,
+            evt_handlers=[(evt.EVT_CONN_OPEN, send_without_delay)],
         )
         # A destination that accepted none of the proposed contexts (pynetdicom then aborts)
         # is reachable: each instance fails on its own, for want of a context.
