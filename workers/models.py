@@ -19,6 +19,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision  # type: ignore[import-untyped]  # no type information shipped
@@ -107,7 +108,19 @@ def _rows_as_sequence(features: Tensor) -> Tensor:
     return features.permute(0, 2, 1, 3).reshape(n, h, c * w)
 
 
-class DenseNet121(PrecedentModel):
+class _TorchvisionBackbone(PrecedentModel):
+    """An architecture built around a torchvision network held as ``net``: the part an
+    ImageNet checkpoint of torchvision loads into."""
+
+    net: Any  # torchvision ships no types
+
+    @property
+    def backbone(self) -> nn.Module:
+        backbone: nn.Module = self.net
+        return backbone
+
+
+class DenseNet121(_TorchvisionBackbone):
     """torchvision DenseNet-121 features, ReLU, global average pool: a 1024-d embedding.
 
     The ReLU that torchvision applies functionally (and in place) is a module here so that
@@ -136,13 +149,8 @@ class DenseNet121(PrecedentModel):
     def gradcam_layer(self) -> nn.Module:
         return self.relu
 
-    @property
-    def backbone(self) -> nn.Module:
-        backbone: nn.Module = self.net
-        return backbone
 
-
-class MobileNetV2(PrecedentModel):
+class MobileNetV2(_TorchvisionBackbone):
     """torchvision MobileNetV2 features and global average pool: a 1280-d embedding."""
 
     architecture = "mobilenet_v2"
@@ -162,13 +170,8 @@ class MobileNetV2(PrecedentModel):
         layer: nn.Module = self.net.features[-1]
         return layer
 
-    @property
-    def backbone(self) -> nn.Module:
-        backbone: nn.Module = self.net
-        return backbone
 
-
-class EfficientNetB0(PrecedentModel):
+class EfficientNetB0(_TorchvisionBackbone):
     """torchvision EfficientNet-B0 features and average pool: a 1280-d embedding."""
 
     architecture = "efficientnet_b0"
@@ -188,13 +191,8 @@ class EfficientNetB0(PrecedentModel):
         layer: nn.Module = self.net.features[-1]
         return layer
 
-    @property
-    def backbone(self) -> nn.Module:
-        backbone: nn.Module = self.net
-        return backbone
 
-
-class ResNet50(PrecedentModel):
+class ResNet50(_TorchvisionBackbone):
     """torchvision ResNet-50 up to and including its average pool: a 2048-d embedding."""
 
     architecture = "resnet50"
@@ -214,11 +212,6 @@ class ResNet50(PrecedentModel):
     def gradcam_layer(self) -> nn.Module:
         layer: nn.Module = self.net.layer4[-1]
         return layer
-
-    @property
-    def backbone(self) -> nn.Module:
-        backbone: nn.Module = self.net
-        return backbone
 
 
 class _VGG16Features(nn.Module):
@@ -240,7 +233,7 @@ class _VGG16Features(nn.Module):
                     nn.init.zeros_(module.bias)
 
 
-class VGG16LSTM(PrecedentModel):
+class VGG16LSTM(_TorchvisionBackbone):
     """VGG16 conv features, pooled to 7x7, read row by row by a bidirectional LSTM.
 
     The hybrid of the Scientific Reports breast-ultrasound paper: each of the 7 rows
@@ -267,11 +260,6 @@ class VGG16LSTM(PrecedentModel):
     @property
     def gradcam_layer(self) -> nn.Module:
         return _last(self.net.features, nn.ReLU)
-
-    @property
-    def backbone(self) -> nn.Module:
-        backbone: nn.Module = self.net
-        return backbone
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
