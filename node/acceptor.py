@@ -38,6 +38,7 @@ from node import qr_service
 from node.access import AccessPolicy, Permissions
 from node.catalog.recording import Catalog
 from node.handlers import (
+    SimilarityEdge,
     discard_partial_dataset,
     handle_association_event,
     handle_association_requested,
@@ -123,11 +124,13 @@ class Acceptor:
         *,
         store: ObjectStore,
         destinations: list[Destination] | None = None,
+        similarity: SimilarityEdge | None = None,
     ) -> None:
         self._settings = settings
         self._ingestor = ingestor
         self._catalog = catalog
         self._retriever = Retriever(catalog, store, destinations or [])
+        self._similarity = similarity
         self._policy = AccessPolicy(settings.calling_aes(), {settings.ae_title, settings.similar_ae_title})
         self._permissions = Permissions(settings)
         self._ae = self._build_ae()
@@ -159,7 +162,11 @@ class Acceptor:
         handlers: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, handle_association_requested, [self._policy]),
             (evt.EVT_C_STORE, handle_store, [self._ingestor, self._permissions]),
-            (evt.EVT_C_FIND, handle_find, [self._catalog, self._permissions, self._settings.ae_title]),
+            (
+                evt.EVT_C_FIND,
+                handle_find,
+                [self._catalog, self._permissions, self._settings.ae_title, self._similarity],
+            ),
             (evt.EVT_C_MOVE, handle_move, [self._retriever, self._permissions, self._settings.ae_title]),
             (evt.EVT_C_GET, handle_get, [self._retriever, self._permissions, self._settings.ae_title]),
             (evt.EVT_ACCEPTED, handle_association_event),

@@ -46,6 +46,11 @@ class UnprocessableQuery(QueryError):
     """A key's value cannot be matched (a malformed date range, a list where one value goes)."""
 
 
+class NotSearchable(UnprocessableQuery):
+    """A similarity request names something the node cannot search from: not stored, not
+    analysed yet, or similarity search is off."""
+
+
 class NotPermitted(Exception):
     """The calling AE asked for a service ``dicom.permissions`` does not grant it."""
 

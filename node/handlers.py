@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -24,6 +25,7 @@ from node.errors import (
     InstanceTooLarge,
     InvalidIdentifier,
     NotPermitted,
+    NotSearchable,
     StorageUnavailable,
     TooManyMatches,
     UnknownDestination,
@@ -33,7 +35,8 @@ from node.errors import (
 from node.ingest import Ingestor, ReceivedInstance
 from node.query import Model, parse_query
 from node.retrieve import Originator, Plan, Progress, Retriever
-from node.settings import Service
+from node.settings import Service, SimilaritySettings
+from node.similar import SimilarityService, parse_similarity_request
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,9 @@ _PENDING_AT_LEAST_EVERY_S = 1.0
 _FIND_STATUS: dict[type[Exception], int] = {
     IdentifierMismatch: IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
     UnprocessableQuery: UNABLE_TO_PROCESS,
+    NotSearchable: UNABLE_TO_PROCESS,
     NotPermitted: NOT_PERMITTED,
+    CatalogUnavailable: OUT_OF_RESOURCES,
 }
 
 # A C-MOVE or C-GET refused as a whole, before any sub-operation.
@@ -167,16 +172,32 @@ def handle_store(event: Event, ingestor: Ingestor, permissions: Permissions) -> 
 FindResponse = tuple[int | Dataset, Dataset | None]
 
 
-def handle_find(
-    event: Event, catalog: Catalog, permissions: Permissions, ae_title: str
-) -> Iterator[FindResponse]:
-    """Answer a C-FIND with one Pending response per match, streamed from the catalog.
+@dataclass(frozen=True)
+class SimilarityEdge:
+    """What the similarity AE title answers with."""
 
-    Only the node's main AE title serves Query/Retrieve; the similarity title will answer
-    C-FIND with similar cases, which it cannot yet. A C-CANCEL is honoured between matches.
-    pynetdicom sends the final Success once this generator is exhausted.
+    ae_title: str
+    service: SimilarityService
+    settings: SimilaritySettings
+
+
+def handle_find(
+    event: Event,
+    catalog: Catalog,
+    permissions: Permissions,
+    ae_title: str,
+    similarity: SimilarityEdge | None = None,
+) -> Iterator[FindResponse]:
+    """Answer a C-FIND with one Pending response per match, streamed from the catalog, or,
+    to the similarity AE title, with the ranked similar cases.
+
+    A C-CANCEL is honoured between matches. pynetdicom sends the final Success once this
+    generator is exhausted.
     """
     calling = loggable(str(event.assoc.requestor.ae_title).strip())
+    if similarity is not None and _called(event, ae_title) == similarity.ae_title:
+        yield from _similar_cases(event, similarity, permissions, ae_title)
+        return
     try:
         model = _query_retrieve_model(event, permissions, "query", ae_title)
         query = parse_query(event.identifier, model)
@@ -205,13 +226,39 @@ def handle_find(
     log.info("C-FIND %s level from %s: %d match(es)", query.level.value, calling, matches)
 
 
+def _similar_cases(
+    event: Event, similarity: SimilarityEdge, permissions: Permissions, ae_title: str
+) -> Iterator[FindResponse]:
+    calling = loggable(str(event.assoc.requestor.ae_title).strip())
+    what = f"similarity C-FIND from {calling}"
+    try:
+        permissions.check(str(event.assoc.requestor.ae_title), "query")
+        request = parse_similarity_request(event.identifier, similarity.settings)
+        matches = similarity.service.answer(request, ae_title)
+    except Exception as exc:
+        if type(exc) not in _FIND_STATUS:
+            log.exception("%s failed inside the node", what)
+        yield _refused(what, exc, _FIND_STATUS), None
+        return
+    for count, identifier in enumerate(matches):
+        if event.is_cancelled:
+            log.info("%s cancelled after %d match(es)", what, count)
+            yield CANCELLED, None
+            return
+        yield PENDING, identifier
+    log.info("%s, %s level from %s: %d match(es)", what, request.level.value, request.uid, len(matches))
+
+
+def _called(event: Event, ae_title: str) -> str:
+    primitive = event.assoc.requestor.primitive
+    return str(primitive.called_ae_title).strip() if primitive is not None else ae_title
+
+
 def _query_retrieve_model(event: Event, permissions: Permissions, service: Service, ae_title: str) -> Model:
     """The information model of a C-FIND, C-MOVE or C-GET the calling AE may make, to the
-    node's main AE title: the similarity title only answers C-FIND with similar cases,
-    which it cannot yet."""
+    node's main AE title: the similarity title only answers C-FIND with similar cases."""
     permissions.check(str(event.assoc.requestor.ae_title), service)
-    primitive = event.assoc.requestor.primitive
-    called = str(primitive.called_ae_title).strip() if primitive is not None else ae_title
+    called = _called(event, ae_title)
     if called != ae_title:
         raise UnprocessableQuery(f"{loggable(called)} does not serve Query/Retrieve; ask {ae_title}")
     request = cast(C_FIND | C_MOVE | C_GET, event.request)

@@ -199,6 +199,10 @@ class Query:
         statement = select(_TABLES[self.level].c.id, *columns).select_from(_joined(self.level))
         return statement.where(*self.conditions)
 
+    def id_column(self) -> ColumnElement[int]:
+        """The primary key of the level's rows, the first column of :meth:`statement`."""
+        return _TABLES[self.level].c.id
+
     def response(self, row: Row[Any], retrieve_ae_title: str) -> Dataset:
         """The identifier for one match: every requested key, with its value or empty."""
         values = row._mapping
@@ -220,10 +224,17 @@ def parse_query(identifier: Dataset, model: Model) -> Query:
     """Read a request identifier; raise :class:`IdentifierMismatch` when it does not fit the
     model's hierarchy, :class:`UnprocessableQuery` when a key's value cannot be matched."""
     level = _level_of(identifier, model)
-    requested = [e for e in identifier if e.tag.group != 0 and e.tag.element != 0 and not e.tag.is_private]
-    query = Query(level, requested)
     for upper in model.value[: model.value.index(level)]:
         _require_unique_key(identifier, upper)
+    return query_at_level(identifier, level)
+
+
+def query_at_level(identifier: Dataset, level: Level) -> Query:
+    """The query of ``identifier``'s keys at ``level``, every key a filter, no unique key
+    of an upper level required (relational matching): what a similarity query's other
+    keys mean. Raises :class:`UnprocessableQuery` as :func:`parse_query` does."""
+    requested = [e for e in identifier if e.tag.group != 0 and e.tag.element != 0 and not e.tag.is_private]
+    query = Query(level, requested)
     for element in requested:
         keyword = element.keyword
         if keyword in KEYS and KEYS[keyword].level.depth <= level.depth:

@@ -261,23 +261,27 @@ class Retriever:
         log.warning("sub-operation for %s to %s failed: %s", instance.sop_instance_uid, peer, reason)
 
     def _payload(self, assoc: Association, instance: StoredInstance) -> Path | Dataset:
-        """The file itself when the peer accepted its stored syntax, else a data set that
-        pynetdicom encodes in an accepted uncompressed one; :class:`NotSendable` when none."""
-        sop_class = uid.UID(instance.sop_class_uid)
-        accepted = {
-            str(cx.transfer_syntax[0])
-            for cx in assoc.accepted_contexts
-            if cx.abstract_syntax == sop_class and _may_store(assoc, cx)
-        }
-        if not accepted:
-            raise NotSendable(f"no usable presentation context for {sop_class.name}")
-        path = self._store.absolute(PurePosixPath(instance.file_path))
-        if instance.transfer_syntax_uid in accepted:
-            return path
-        if not accepted & _LITTLE_ENDIAN:
-            names = ", ".join(sorted(uid.UID(s).name for s in accepted))
-            raise NotSendable(f"peer accepts {sop_class.name} only as {names}")
-        return transcoded(path, uid.UID(instance.transfer_syntax_uid))
+        return payload(assoc, instance, self._store.absolute(PurePosixPath(instance.file_path)))
+
+
+def payload(assoc: Association, instance: StoredInstance, path: Path) -> Path | Dataset:
+    """What to send of the instance stored at ``path``: the file itself when the peer
+    accepted its stored syntax, else a data set that pynetdicom encodes in an accepted
+    uncompressed one; :class:`NotSendable` when none."""
+    sop_class = uid.UID(instance.sop_class_uid)
+    accepted = {
+        str(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == sop_class and _may_store(assoc, cx)
+    }
+    if not accepted:
+        raise NotSendable(f"no usable presentation context for {sop_class.name}")
+    if instance.transfer_syntax_uid in accepted:
+        return path
+    if not accepted & _LITTLE_ENDIAN:
+        names = ", ".join(sorted(uid.UID(s).name for s in accepted))
+        raise NotSendable(f"peer accepts {sop_class.name} only as {names}")
+    return transcoded(path, uid.UID(instance.transfer_syntax_uid))
 
 
 def keep_responses(assoc: Association) -> None:

@@ -10,16 +10,24 @@ import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from node.acceptor import Acceptor, configure_pynetdicom
 from node.catalog.analyses import AnalysisRecords
+from node.catalog.deliveries import DeliveryQueue
 from node.catalog.recording import Catalog
 from node.dispatch import Dispatcher
 from node.errors import StartupError
+from node.forward import DestinationForwarder, new_ae, result_destinations
+from node.handlers import SimilarityEdge
 from node.ingest import Ingestor
 from node.local_workers import LocalWorkers
 from node.settings import Settings
+from node.similar import SimilarityService
 from node.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from workers.index_keeper import IndexKeeper
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +65,21 @@ class Node:
             replace_duplicates=settings.storage.on_duplicate == "replace",
             analyse_with=self.model_id,
         )
-        self.acceptor = Acceptor(
-            settings.dicom, ingestor, self.catalog, store=self.store, destinations=settings.destinations
+        self.index = self._index_keeper()
+        similarity = SimilarityEdge(
+            settings.dicom.similar_ae_title,
+            SimilarityService(self.catalog, self.index, self.model_id, settings.similarity),
+            settings.similarity,
         )
+        self.acceptor = Acceptor(
+            settings.dicom,
+            ingestor,
+            self.catalog,
+            store=self.store,
+            destinations=settings.destinations,
+            similarity=similarity,
+        )
+        self.forwarders = self._forwarders()
 
     def _check_model(self) -> str | None:
         """Load and check the bundle now, so that a bad one stops the start-up, not the
@@ -78,6 +98,21 @@ class Node:
             ", ".join(bundle.labels),
         )
         return bundle.id
+
+    def _index_keeper(self) -> IndexKeeper | None:
+        if self.model_id is None:
+            return None
+        from workers.index_keeper import IndexKeeper
+
+        return IndexKeeper(self.settings, self.catalog, self.model_id)
+
+    def _forwarders(self) -> list[DestinationForwarder]:
+        queue = DeliveryQueue(self.catalog)
+        ae = new_ae(self.settings.dicom.ae_title, self.settings.forwarding)
+        return [
+            DestinationForwarder(destination, queue, self.store, ae, self.settings.forwarding)
+            for destination in result_destinations(self.settings.destinations)
+        ]
 
     def _dispatcher(self) -> Dispatcher:
         from workers.app import ANALYZE_INSTANCE, ASSESS_STUDY, app
@@ -102,10 +137,14 @@ class Node:
             raise StartupError(
                 f"cannot listen on {dicom.bind}:{dicom.port} (dicom.bind, dicom.port): {exc.strerror or exc}"
             ) from exc
+        if self.index is not None:
+            self.index.start()
         if self.dispatcher is not None:
             self.dispatcher.start()
         if self.workers is not None:
             self.workers.start()
+        for forwarder in self.forwarders:
+            forwarder.start()
         return address
 
     def stop(self) -> bool:
@@ -114,6 +153,10 @@ class Node:
             self.workers.stop(self.settings.dicom.shutdown_timeout)
         if self.dispatcher is not None:
             self.dispatcher.stop()
+        for forwarder in self.forwarders:
+            forwarder.stop()
+        if self.index is not None:
+            self.index.stop()
         self.catalog.close()
         tempfile.tempdir = self._previous_tempdir
         return finished

@@ -161,15 +161,52 @@ class ModelSettings(_Section):
     gradcam_label: str = ""
 
 
+class ResultsSettings(_Section):
+    """What the node makes of a stable study's analyses: an SR and Grad-CAM captures."""
+
+    enabled: bool = True
+    similar_studies: int = Field(5, ge=0, le=100)
+    gradcam_opacity: float = Field(0.4, ge=0, le=1)
+
+
+class SimilaritySettings(_Section):
+    """Similar-case search: the FAISS index kept from the catalog's embeddings, and how
+    similarity C-FIND requests to ``dicom.similar_ae_title`` are answered."""
+
+    k: int = Field(10, ge=1, le=1000)
+    max_k: int = Field(100, ge=1, le=10000)
+    same_patient: bool = False
+    metric: Literal["cosine", "l2"] = "cosine"
+    index: Literal["auto", "flat", "ivfpq", "hnsw"] = "auto"
+    flat_max_vectors: int = Field(10_000, ge=1)
+    sync_seconds: float = Field(0.5, gt=0, le=60)
+    snapshot: bool = True
+
+
+class ForwardingSettings(_Section):
+    """How results reach ``[[destinations]]``: a queue per destination, kept in the catalog."""
+
+    poll_seconds: float = Field(1.0, gt=0, le=60)
+    batch_size: int = Field(64, ge=1, le=10000)
+    retry_backoff_seconds: float = Field(5.0, gt=0)
+    max_backoff_seconds: float = Field(300.0, gt=0)
+    lease_seconds: float = Field(300.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class Destination(_Section):
+    """A peer the node sends to: a C-MOVE destination and, with ``results``, where every
+    SR and Grad-CAM capture is forwarded."""
+
     name: Annotated[str, Field(min_length=1, max_length=64)]
     ae_title: AETitle
     host: Annotated[str, Field(min_length=1)]
     port: Port
+    results: bool = True
 
 
 class Settings(BaseSettings):
@@ -188,6 +225,9 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     study: StudySettings = StudySettings()
     model: ModelSettings = ModelSettings()
+    results: ResultsSettings = ResultsSettings()
+    similarity: SimilaritySettings = SimilaritySettings()
+    forwarding: ForwardingSettings = ForwardingSettings()
     logging: LoggingSettings = LoggingSettings()
     destinations: list[Destination] = []
 

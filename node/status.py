@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -10,10 +11,14 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from node.catalog.analyses import AnalysisRecords
+from node.catalog.deliveries import DONE, FAILED, PENDING, RUNNING, DeliveryQueue
 from node.catalog.models import ANALYSES, INSTANCES, MODELS, STUDIES, STUDY_ASSESSMENTS
 from node.catalog.recording import Catalog
 from node.errors import ModelConfigError
+from node.forward import result_destinations
 from node.settings import Settings
+
+DELIVERY_STATES = (PENDING, RUNNING, DONE, FAILED)
 
 
 def collect_status(settings: Settings) -> dict[str, Any]:
@@ -44,9 +49,30 @@ def collect_status(settings: Settings) -> dict[str, Any]:
                 {"reason": reason, "example_sop_instance_uid": uid, "count": n}
                 for reason, uid, n in records.failures()
             ],
+            "destinations": _destinations(settings, DeliveryQueue(catalog)),
         }
     finally:
         catalog.close()
+
+
+def _destinations(settings: Settings, queue: DeliveryQueue) -> list[dict[str, Any]]:
+    configured = {d.name: d for d in result_destinations(settings.destinations)}
+    return [
+        {
+            "name": state.destination,
+            "ae_title": configured[state.destination].ae_title,
+            "address": f"{configured[state.destination].host}:{configured[state.destination].port}",
+            **{s: state.counts.get(s, 0) for s in DELIVERY_STATES},
+            "last_delivered_at": _iso(state.last_delivered_at),
+            "next_attempt_at": _iso(state.next_attempt_at) if state.counts.get(PENDING) else None,
+            "last_failure": state.last_failure,
+        }
+        for state in queue.states(list(configured))
+    ]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat(timespec="seconds")
 
 
 def _analysis_setting(settings: Settings) -> dict[str, Any]:
@@ -86,11 +112,27 @@ def print_status(report: dict[str, Any]) -> None:
         table.add_row(model_id[:12], "studies", *_counts(report["study_assessments"][model_id]))
     if report["analyses"]:
         console.print(table)
+    if report["destinations"]:
+        _print_destinations(console, report["destinations"])
     if report["failures"]:
         failures = Table("failed analyses: reason", "count", "example SOP Instance UID")
         for failure in report["failures"]:
             failures.add_row(failure["reason"], str(failure["count"]), failure["example_sop_instance_uid"])
         console.print(failures)
+
+
+def _print_destinations(console: Console, destinations: list[dict[str, Any]]) -> None:
+    table = Table("destination", "AE title", "address", *DELIVERY_STATES, "last delivered", "last failure")
+    for d in destinations:
+        table.add_row(
+            d["name"],
+            d["ae_title"],
+            d["address"],
+            *(str(d[s]) for s in DELIVERY_STATES),
+            d["last_delivered_at"] or "-",
+            d["last_failure"] or "-",
+        )
+    console.print(table)
 
 
 def _counts(counts: dict[str, int]) -> list[str]:

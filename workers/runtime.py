@@ -9,15 +9,20 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from node.catalog.analyses import AnalysisRecords, ModelRecord
 from node.catalog.models import ANALYSES
 from node.catalog.recording import Catalog
+from node.catalog.results import ResultRecords
 from node.catalog.work import Claim
 from node.errors import ModelConfigError, NoModelConfigured
 from node.settings import Settings
 from workers.analysis import Analyzer
 from workers.bundles import BundleError, ModelBundle, load_bundle
+
+if TYPE_CHECKING:
+    from workers.results import ResultMaker
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,13 @@ class WorkerRuntime:
     @cached_property
     def records(self) -> AnalysisRecords:
         return AnalysisRecords(self.catalog)
+
+    @cached_property
+    def results(self) -> ResultMaker:
+        from workers.results import EarlierStudies, ResultMaker
+
+        similar = EarlierStudies(self.settings, self.catalog, self.model_id)
+        return ResultMaker(self.settings, ResultRecords(self.catalog), find_similar=similar)
 
     @cached_property
     def analyzer(self) -> Analyzer:

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Task
 
-from node.catalog.analyses import AnalysisOutcome, AnalysisResult, AnalysisTarget
+from node.catalog.analyses import AnalysisOutcome, AnalysisResult, AnalysisTarget, StudyAssessment
 from node.catalog.work import FAILED, PENDING, QUEUED, Claim
 from node.errors import CatalogUnavailable
 from workers.app import ANALYZE_INSTANCE, ASSESS_STUDY, app
@@ -46,23 +46,42 @@ def analyze_instance(self: Task[Any, Any], analysis_id: int) -> int:
 
 @app.task(name=ASSESS_STUDY, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def assess_study(self: Task[Any, Any], assessment_id: int) -> str | None:
-    """Record the study-level assessment of a stable study (the results issue builds its
-    Structured Report from this row)."""
+    """Assess a stable study and, with ``results.enabled``, make, store and queue its
+    Structured Report and Grad-CAM captures."""
     runtime = app.runtime
     table = runtime.records.assessments
-    claim = table.claim([assessment_id], runtime.settings.queue.lease_seconds)
+    queue = runtime.settings.queue
+    claim = table.claim([assessment_id], queue.lease_seconds)
     if not claim.ids:
         return None
     try:
-        finding = runtime.records.assess_study(assessment_id, claim)
+        assessment = runtime.records.assessment(assessment_id, claim)
+        if assessment is None or not _record_assessment(assessment, claim):
+            return None
     except CatalogUnavailable as exc:
         # The lease runs out if the release cannot be written either; the node then requeues.
         with suppress(CatalogUnavailable):
             table.release(claim.ids, claim, QUEUED, str(exc)[:500])
-        countdown = _backoff(runtime.settings.queue.retry_backoff_seconds, self)
-        raise self.retry(exc=exc, countdown=countdown) from exc
-    log.info("study assessment %d: %s", assessment_id, finding or "no analysed image")
-    return finding
+        raise self.retry(exc=exc, countdown=_backoff(queue.retry_backoff_seconds, self)) from exc
+    except Exception as exc:  # a result that cannot be built: retried, then recorded as failed
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        log.exception("results of study assessment %d failed", assessment_id)
+        if table.attempts(assessment_id) >= queue.max_attempts:
+            with runtime.catalog.transaction() as connection:
+                table.finish(connection, assessment_id, claim, FAILED, {"reason": reason})
+            return None
+        table.release(claim.ids, claim, QUEUED, reason)
+        raise self.retry(exc=exc, countdown=_backoff(queue.retry_backoff_seconds, self)) from exc
+    log.info("study assessment %d: %s", assessment_id, assessment.finding or "no analysed image")
+    return assessment.finding
+
+
+def _record_assessment(assessment: StudyAssessment, claim: Claim) -> bool:
+    runtime = app.runtime
+    if runtime.settings.results.enabled:
+        return runtime.results.make(assessment, claim)
+    with runtime.catalog.transaction() as connection:
+        return runtime.records.finish_assessment(connection, assessment, claim)
 
 
 def _give_back(task: Task[Any, Any], claim: Claim, analysis_id: int, exc: Exception) -> None:

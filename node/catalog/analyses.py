@@ -22,6 +22,7 @@ from node.catalog.models import (
     EMBEDDINGS,
     INSTANCES,
     MODELS,
+    RESULTS,
     SERIES,
     STUDIES,
     STUDY_ASSESSMENTS,
@@ -65,6 +66,20 @@ class AnalysisOutcome:
     analysis_id: int
     state: str
     reason: str
+
+
+@dataclass(frozen=True)
+class StudyAssessment:
+    """A study's finding by one model: its most severe image finding."""
+
+    assessment_id: int
+    study_pk: int
+    model_id: str
+    revision: int
+    finding: str | None
+    probability: float | None
+    source_instance_pk: int | None
+    analysed_instances: int
 
 
 @dataclass(frozen=True)
@@ -181,12 +196,18 @@ class AnalysisRecords:
         with self.catalog.transaction() as connection:
             connection.execute(update(STUDIES).where(STUDIES.c.id.in_(pending)).values(assessment_due=True))
 
+    def request_missing(self, model_id: str) -> int:
+        """Request the analyses ``model_id`` never had (a new model re-embedding the archive);
+        finished ones are kept, so an interrupted run resumes where it stopped."""
+        return self._request_missing(model_id, None)
+
     def _request_missing(self, model_id: str, study_uid: str | None) -> int:
         i = INSTANCES.c
         missing = (
             select(i.id)
             .where(~exists().where(ANALYSES.c.instance_pk == i.id, ANALYSES.c.model_id == model_id))
             .where(i.rows.is_not(None))
+            .where(~exists().where(RESULTS.c.instance_pk == i.id))  # never analyse what we derived
         )
         if study_uid is not None:
             missing = missing.where(i.id.in_(_instances_of_study(study_uid)))
@@ -235,6 +256,13 @@ class AnalysisRecords:
                 select(s.id)
                 .where(s.assessment_due.is_(True), s.updated_at <= cutoff)
                 .where(~exists(_analyses_of_study(s.id, model_id).where(ANALYSES.c.state.in_(UNFINISHED))))
+                .where(
+                    ~exists().where(
+                        STUDY_ASSESSMENTS.c.study_pk == s.id,
+                        STUDY_ASSESSMENTS.c.model_id == model_id,
+                        STUDY_ASSESSMENTS.c.state.in_(UNFINISHED),
+                    )
+                )
                 .order_by(s.id)
                 .limit(limit)
             ).scalars()
@@ -244,7 +272,18 @@ class AnalysisRecords:
         return requested
 
     def _request_assessment(self, connection: Connection, study_pk: int, model_id: str) -> int:
+        """Request a new revision of the study's assessment if what it would cover has
+        changed. While the last revision is still being made (its results being stored move
+        the study too) the flag stays, and the study is looked at again once it is done."""
         sa = STUDY_ASSESSMENTS.c
+        last = connection.execute(
+            select(sa.revision, sa.analysed_instances, sa.state)
+            .where(sa.study_pk == study_pk, sa.model_id == model_id)
+            .order_by(sa.revision.desc())
+            .limit(1)
+        ).first()
+        if last is not None and last.state in UNFINISHED:
+            return 0
         connection.execute(update(STUDIES).where(STUDIES.c.id == study_pk).values(assessment_due=False))
         requested = connection.execute(
             select(func.count()).select_from(_analyses_of_study(study_pk, model_id).subquery())
@@ -256,12 +295,6 @@ class AnalysisRecords:
                 _analyses_of_study(study_pk, model_id).where(ANALYSES.c.state == DONE).subquery()
             )
         ).scalar_one()
-        last = connection.execute(
-            select(sa.revision, sa.analysed_instances, sa.state)
-            .where(sa.study_pk == study_pk, sa.model_id == model_id)
-            .order_by(sa.revision.desc())
-            .limit(1)
-        ).first()
         if last is not None and last.state == DONE and last.analysed_instances == finished:
             return 0
         connection.execute(
@@ -277,14 +310,16 @@ class AnalysisRecords:
         )
         return 1
 
-    def assess_study(self, assessment_id: int, claim: Claim) -> str | None:
-        """Record the study-level assessment: the most severe finding among the study's
-        analysed images (labels are listed in ascending severity), its probability and
-        the image it came from. Returns the finding, or None if the claim was lost."""
+    def assessment(self, assessment_id: int, claim: Claim) -> StudyAssessment | None:
+        """The study-level assessment of a claimed request: the most severe finding among
+        the study's analysed images (labels are listed in ascending severity), its
+        probability and the image it came from. None if the claim was lost."""
         sa = STUDY_ASSESSMENTS.c
-        with self.catalog.transaction() as connection:
+        with self.catalog.connection() as connection:
             row = connection.execute(
-                select(sa.study_pk, sa.model_id).where(sa.id == assessment_id, sa.claim_token == claim.token)
+                select(sa.study_pk, sa.model_id, sa.revision).where(
+                    sa.id == assessment_id, sa.claim_token == claim.token
+                )
             ).first()
             if row is None:
                 return None
@@ -299,17 +334,39 @@ class AnalysisRecords:
                 )
                 .order_by(ANALYSES.c.instance_pk)
             ).all()
-            finding, probability, source = _most_severe(list(labels), analysed)
-            values = {
-                "finding": finding,
-                "probability": probability,
-                "source_instance_pk": source,
-                "analysed_instances": len(analysed),
-                "reason": "" if analysed else "no image of the study could be analysed",
-            }
-            if not self.assessments.finish(connection, assessment_id, claim, DONE, values):
+        finding, probability, source = _most_severe(list(labels), analysed)
+        return StudyAssessment(
+            assessment_id,
+            row.study_pk,
+            row.model_id,
+            row.revision,
+            finding,
+            probability,
+            source,
+            len(analysed),
+        )
+
+    def finish_assessment(self, connection: Connection, assessment: StudyAssessment, claim: Claim) -> bool:
+        """Record ``assessment`` in the caller's transaction; False if the claim was lost."""
+        values = {
+            "finding": assessment.finding,
+            "probability": assessment.probability,
+            "source_instance_pk": assessment.source_instance_pk,
+            "analysed_instances": assessment.analysed_instances,
+            "reason": "" if assessment.analysed_instances else "no image of the study could be analysed",
+        }
+        return self.assessments.finish(connection, assessment.assessment_id, claim, DONE, values)
+
+    def assess_study(self, assessment_id: int, claim: Claim) -> str | None:
+        """Make and record the assessment (without results objects). Returns the finding,
+        or None if the claim was lost."""
+        assessment = self.assessment(assessment_id, claim)
+        if assessment is None:
+            return None
+        with self.catalog.transaction() as connection:
+            if not self.finish_assessment(connection, assessment, claim):
                 return None
-        return finding
+        return assessment.finding
 
 
 def _result_values(result: AnalysisResult) -> dict[str, Any]:

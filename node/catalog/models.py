@@ -204,6 +204,51 @@ class StudyAssessment(WorkItem, Base):
     analysed_instances: Mapped[int | None] = mapped_column(Integer)
 
 
+class Result(Base):
+    """An object Precedent derived and stored (an SR, a Grad-CAM capture): what it was
+    made from. Derived instances are never analysed themselves."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "report" or "gradcam"
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    model_id: Mapped[str] = mapped_column(MODEL_ID)
+    assessment_pk: Mapped[int | None] = mapped_column(ForeignKey("study_assessments.id"))
+    source_instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Delivery(Base):
+    """One stored object to send to one destination: the destination's persistent queue.
+
+    ``pending`` (due at ``next_attempt_at``) → ``running`` (claimed, under a lease) →
+    ``done`` (the destination answered Success or a Warning) or ``failed`` (it refused
+    the object; its status is kept). A destination that cannot be reached leaves the row
+    pending, with a later ``next_attempt_at``, for as long as it takes.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "destination"),
+        Index("ix_deliveries_destination_state_next", "destination", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[int | None] = mapped_column(Integer)  # the destination's DIMSE status
+    reason: Mapped[str] = mapped_column(Text, default="")
+    claim_token: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 # The tables as Core objects (typed Table), for statements built without the ORM.
 PATIENTS = Base.metadata.tables["patients"]
 STUDIES = Base.metadata.tables["studies"]
@@ -213,3 +258,5 @@ MODELS = Base.metadata.tables["models"]
 ANALYSES = Base.metadata.tables["analyses"]
 EMBEDDINGS = Base.metadata.tables["embeddings"]
 STUDY_ASSESSMENTS = Base.metadata.tables["study_assessments"]
+RESULTS = Base.metadata.tables["results"]
+DELIVERIES = Base.metadata.tables["deliveries"]

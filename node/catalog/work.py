@@ -196,6 +196,12 @@ class WorkTable:
             )
             return int(result.rowcount)
 
+    def attempts(self, item_id: int) -> int:
+        """How many times the row has been claimed (its current claim included)."""
+        with self.catalog.connection() as connection:
+            found = connection.execute(select(self._c.attempts).where(self._c.id == item_id)).scalar_one()
+        return int(found)
+
     def count_by_state(self, *criteria: ColumnElement[bool]) -> dict[str, int]:
         c = self._c
         with self.catalog.connection() as connection:

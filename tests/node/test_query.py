@@ -454,9 +454,12 @@ def test_identifiers_that_do_not_fit_are_refused_with_a_reason(
     assert any(r.levelname == "WARNING" and "C-FIND" in r.message for r in caplog.records)
 
 
-def test_the_similarity_ae_title_does_not_answer_queries(node: RunningNode) -> None:
-    responses = c_find(node, identifier(QueryRetrieveLevel="STUDY", PatientID=""), called="PRECEDENT_SIM")
+def test_the_similarity_ae_title_of_a_node_without_a_model_says_search_is_off(node: RunningNode) -> None:
+    study_uid = next(iter(STUDY_OF))
+    request = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid, PatientID="")
+    responses = c_find(node, request, called="PRECEDENT_SIM")
     assert [(status, found) for status, _, found in responses] == [(UNABLE_TO_PROCESS, None)]
+    assert "similarity search is off" in responses[0][1]
 
 
 # --- C-CANCEL -----------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ class Site:
     port: int = field(default_factory=free_port)
     workers: list[subprocess.Popen[str]] = field(default_factory=list)
     node: NodeProcess | None = None
+    destinations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def config(self) -> Path:
@@ -68,6 +69,9 @@ class Site:
         for section, values in self.sections.items():
             lines.append(f"[{section}]")
             lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
+        for destination in self.destinations:
+            lines.append("[[destinations]]")
+            lines += [f"{key} = {toml_value(value)}" for key, value in destination.items()]
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path
 

@@ -1,0 +1,127 @@
+"""What similar-case search reads from the catalog: the query's own embeddings, where each
+matching image belongs (study, patient), and what the model found there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Row, Select, func, select
+
+from node.catalog.models import ANALYSES, EMBEDDINGS, INSTANCES, SERIES, STUDIES, STUDY_ASSESSMENTS
+from node.catalog.recording import Catalog
+from node.catalog.work import DONE
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where an image is: its study and patient."""
+
+    instance_pk: int
+    sop_instance_uid: str
+    study_pk: int
+    patient_pk: int
+
+
+@dataclass(frozen=True)
+class QueryVectors:
+    """The embeddings of the images a similarity query names (a study's, or one image's)."""
+
+    study_pk: int
+    patient_pk: int
+    instance_pks: list[int]
+    vectors: np.ndarray  # float32, one row per image
+
+
+class SimilarityCatalog:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def study(self, study_uid: str) -> tuple[int, int] | None:
+        """(study pk, patient pk) of a stored study."""
+        s = STUDIES.c
+        with self.catalog.connection() as connection:
+            row = connection.execute(
+                select(s.id, s.patient_pk).where(s.study_instance_uid == study_uid)
+            ).first()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def image(self, sop_uid: str) -> Located | None:
+        with self.catalog.connection() as connection:
+            row = connection.execute(_located().where(INSTANCES.c.sop_instance_uid == sop_uid)).first()
+        return None if row is None else Located(*row)
+
+    def vectors_of_study(self, study_pk: int, patient_pk: int, model_id: str) -> QueryVectors:
+        e = EMBEDDINGS.c
+        with self.catalog.connection() as connection:
+            rows = connection.execute(
+                select(e.instance_pk, e.vector)
+                .join(INSTANCES, INSTANCES.c.id == e.instance_pk)
+                .join(SERIES, SERIES.c.id == INSTANCES.c.series_pk)
+                .where(SERIES.c.study_pk == study_pk, e.model_id == model_id)
+                .order_by(e.instance_pk)
+            ).all()
+        return _query_vectors(study_pk, patient_pk, rows)
+
+    def vectors_of_image(self, image: Located, model_id: str) -> QueryVectors:
+        e = EMBEDDINGS.c
+        with self.catalog.connection() as connection:
+            rows = connection.execute(
+                select(e.instance_pk, e.vector).where(
+                    e.instance_pk == image.instance_pk, e.model_id == model_id
+                )
+            ).all()
+        return _query_vectors(image.study_pk, image.patient_pk, rows)
+
+    def locate(self, instance_pks: Iterable[int]) -> dict[int, Located]:
+        wanted = list(set(instance_pks))
+        if not wanted:
+            return {}
+        with self.catalog.connection() as connection:
+            rows = connection.execute(_located().where(INSTANCES.c.id.in_(wanted))).all()
+        return {int(row[0]): Located(*row) for row in rows}
+
+    def image_findings(self, instance_pks: Iterable[int], model_id: str) -> dict[int, tuple[str, float]]:
+        """instance pk → (predicted label, its probability)."""
+        a = ANALYSES.c
+        with self.catalog.connection() as connection:
+            rows = connection.execute(
+                select(a.instance_pk, a.predicted_label, a.probabilities).where(
+                    a.instance_pk.in_(list(instance_pks)), a.model_id == model_id, a.state == DONE
+                )
+            ).all()
+        return {int(pk): (label, float(probs[label])) for pk, label, probs in rows if label}
+
+    def study_findings(self, study_pks: Iterable[int], model_id: str) -> dict[int, tuple[str, float]]:
+        """study pk → (finding, probability) of its latest assessment."""
+        sa = STUDY_ASSESSMENTS.c
+        latest = (
+            select(sa.study_pk, func.max(sa.revision).label("revision"))
+            .where(sa.study_pk.in_(list(study_pks)), sa.model_id == model_id, sa.state == DONE)
+            .group_by(sa.study_pk)
+            .subquery()
+        )
+        with self.catalog.connection() as connection:
+            rows = connection.execute(
+                select(sa.study_pk, sa.finding, sa.probability)
+                .join(latest, (latest.c.study_pk == sa.study_pk) & (latest.c.revision == sa.revision))
+                .where(sa.model_id == model_id)
+            ).all()
+        return {int(pk): (finding, float(p or 0.0)) for pk, finding, p in rows if finding}
+
+
+def _located() -> Select[Any]:
+    return (
+        select(INSTANCES.c.id, INSTANCES.c.sop_instance_uid, SERIES.c.study_pk, STUDIES.c.patient_pk)
+        .join(SERIES, SERIES.c.id == INSTANCES.c.series_pk)
+        .join(STUDIES, STUDIES.c.id == SERIES.c.study_pk)
+    )
+
+
+def _query_vectors(study_pk: int, patient_pk: int, rows: Sequence[Row[Any, Any]]) -> QueryVectors:
+    pks = [int(row[0]) for row in rows]
+    vectors = [np.frombuffer(row[1], dtype="<f4") for row in rows]
+    matrix = np.vstack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
+    return QueryVectors(study_pk, patient_pk, pks, matrix)
