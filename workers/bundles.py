@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
-import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from workers.files import write_atomically
 from workers.models import (
     ARCHITECTURES,
     PrecedentModel,
@@ -131,7 +130,7 @@ def save_bundle(
     buffer = io.BytesIO()
     torch.save(content, buffer)
     data = buffer.getvalue()
-    _write_atomically(path, data)
+    write_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -143,36 +142,6 @@ def _validate_content(path: Path, content: dict[str, Any]) -> None:
     _input_spec(path, content["input"])
     _clinical_use(path, content["clinical_use"])
     _state_dict(path, content["state_dict"], architecture, len(labels))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``.
-
-    The temporary file is created like any other file (mode 0666 less the umask), unlike
-    ``tempfile.mkstemp``'s 0600, so workers running as another user can read the bundle.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        temporary.replace(path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable: a crash right after saving keeps the new bundle."""
-    handle = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def _read_bytes(path: Path) -> bytes:
