@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # One command: set up and run the whole test suite (lint, types, unit, integration
 # with real DCMTK peers and PostgreSQL, benchmark smoke tests).
-# Needs root (or sudo) the first time, to install DCMTK from Debian's packages.
+# Needs root (or sudo) the first time, to install DCMTK, Orthanc and dicom3tools from
+# Debian's packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v storescu >/dev/null 2>&1; then
+# Real peers and validators from Debian's packages: DCMTK (storescu, findscu, dsrdump, …),
+# Orthanc (the PACS), dicom3tools (dciodvfy), and tcmalloc (the workers preload it).
+missing=()
+command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
+command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
+[ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || missing+=(libtcmalloc-minimal4)
+if [ "${#missing[@]}" -gt 0 ]; then
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dcmtk >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # The tests use a real PostgreSQL on 127.0.0.1:5432 as user postgres without a password.

@@ -373,12 +373,12 @@ def serving(url: str, workdir: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def association(port: int) -> Iterator[Association]:
+def association(port: int, called: str = CALLED_AE) -> Iterator[Association]:
     ae = AE(ae_title=CALLING_AE)
     ae.maximum_pdu_size = MAX_PDU
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 300
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", port, ae_title=CALLED_AE)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         raise RuntimeError(f"association with the node on port {port} was not established")
     # As every DCMTK peer here (tests.support.dcmtk): else this client's own Nagle and delayed-ACK
