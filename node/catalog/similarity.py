@@ -54,13 +54,16 @@ class SimilarityCatalog:
         return None if row is None else Located(*row)
 
     def vectors_of_study(self, study_pk: int, patient_pk: int, model_id: str) -> QueryVectors:
-        e = EMBEDDINGS.c
+        """The study's embeddings: its images first, then their vectors by instance (a
+        join would let the database walk the model's whole embedding table)."""
+        e, i = EMBEDDINGS.c, INSTANCES.c
         with self.catalog.connection() as connection:
+            images = connection.execute(
+                select(i.id).join(SERIES, SERIES.c.id == i.series_pk).where(SERIES.c.study_pk == study_pk)
+            ).scalars()
             rows = connection.execute(
                 select(e.instance_pk, e.vector)
-                .join(INSTANCES, INSTANCES.c.id == e.instance_pk)
-                .join(SERIES, SERIES.c.id == INSTANCES.c.series_pk)
-                .where(SERIES.c.study_pk == study_pk, e.model_id == model_id)
+                .where(e.instance_pk.in_(list(images)), e.model_id == model_id)
                 .order_by(e.instance_pk)
             ).all()
         return _query_vectors(study_pk, patient_pk, rows)
