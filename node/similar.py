@@ -143,9 +143,18 @@ class SimilarityService:
         if self._neighbours is None or self._model_id is None:
             raise NotSearchable("similarity search is off: no model is configured (model.bundle)")
         matches = self._ranked(request, query, self._neighbours)
+        findings = self._findings(request.level, [match.pk for _, (match, _) in matches])
         return [
-            self._identifier(request, match, rank, row, retrieve_ae_title) for rank, (match, row) in matches
+            self._identifier(request, match, rank, row, findings.get(match.pk), retrieve_ae_title)
+            for rank, (match, row) in matches
         ]
+
+    def _findings(self, level: Level, pks: list[int]) -> dict[int, tuple[str, float]]:
+        """The model's finding of each match, in one read for all of them."""
+        assert self._model_id is not None
+        if level == Level.STUDY:
+            return self._lookup.study_findings(pks, self._model_id)
+        return self._lookup.image_findings(pks, self._model_id)
 
     def _query_vectors(self, request: SimilarityRequest, model_id: str) -> QueryVectors:
         if request.level == Level.STUDY:
@@ -211,14 +220,16 @@ class SimilarityService:
         return rows
 
     def _identifier(
-        self, request: SimilarityRequest, match: Match, rank: int, row: Row[Any], retrieve_ae_title: str
+        self,
+        request: SimilarityRequest,
+        match: Match,
+        rank: int,
+        row: Row[Any],
+        finding: tuple[str, float] | None,
+        retrieve_ae_title: str,
     ) -> Dataset:
         assert self._model_id is not None
         identifier = request.filters.response(row, retrieve_ae_title)
-        if request.level == Level.STUDY:
-            finding = self._lookup.study_findings([match.pk], self._model_id).get(match.pk)
-        else:
-            finding = self._lookup.image_findings([match.pk], self._model_id).get(match.pk)
         block = identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
         block.add_new(RANK_OFFSET, "US", rank)
         block.add_new(DISTANCE_OFFSET, "FD", float(match.distance))
