@@ -1,4 +1,11 @@
-"""The analysis side of Precedent: Celery tasks, decoding, models, Grad-CAM, results.
+"""The analysis side of Precedent: Celery tasks, decoding, models, Grad-CAM, results."""
 
-Empty until the analysis issue lands; the network side (``node``) never imports it.
-"""
+import importlib.metadata
+
+
+def software_version() -> str:
+    """What derived objects name as the software that made them (SoftwareVersions)."""
+    try:
+        return f"precedent {importlib.metadata.version('precedent')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "precedent (not installed)"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.metadata
 import math
 import re
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
+from workers import software_version
 from workers.derived_uids import derived_uid
 
 __all__ = [
@@ -427,7 +427,7 @@ def build_capture(capture: CaptureInput, opacity: float = DEFAULT_OPACITY) -> hd
         instance_number=_instance_number(source),
         manufacturer=MANUFACTURER,
         manufacturer_model_name=capture.architecture[:64],
-        software_versions=_software_version(),
+        software_versions=software_version(),
         series_description=_series_description(capture),
         content_date=made_at.date(),
         content_time=made_at.time(),
@@ -465,13 +465,6 @@ def _series_description(capture: CaptureInput) -> str:
     """Named like the Structured Report's series, with the same warning for research models."""
     suffix = "" if capture.clinical_use else " - NOT FOR CLINICAL USE"
     return f"Grad-CAM {capture.architecture}{suffix}"[:64]
-
-
-def _software_version() -> str:
-    try:
-        return f"precedent {importlib.metadata.version('precedent')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "precedent (not installed)"
 
 
 def _acquisition_equipment(source: Dataset) -> list[hd.ContributingEquipment]:

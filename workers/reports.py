@@ -27,7 +27,6 @@ scheme ``99PRECEDENT`` holds only what neither has (see :data:`CODES_USED`).
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
+from workers import software_version
 from workers.derived_uids import derived_uid
 
 __all__ = [
@@ -276,7 +276,7 @@ def _document(
         instance_number=report.revision,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model.architecture,
-        software_versions=_software_version(),
+        software_versions=software_version(),
         series_description=_series_description(model),
         is_complete=True,
         is_final=False,
@@ -673,13 +673,6 @@ def _not_clinical_sentence(model: ReportModel) -> str:
 def _series_description(model: ReportModel) -> str:
     suffix = "" if model.clinical_use else " - NOT FOR CLINICAL USE"
     return f"{_algorithm_name(model)} findings{suffix}"[:64]
-
-
-def _software_version() -> str:
-    try:
-        return f"precedent {importlib.metadata.version('precedent')}"
-    except importlib.metadata.PackageNotFoundError:
-        return "precedent (not installed)"
 
 
 # --- Evidence ------------------------------------------------------------------------------------

@@ -93,11 +93,13 @@ class ResultMaker:
         made_at = datetime.now(UTC)
         made: list[MadeObject] = []
         captures: dict[int, GradcamCapture] = {}
+        # Each source header is read once: the captures and the report both describe it.
+        sources = {image.instance_pk: self._source(image) for image in inputs.images}
         for image in inputs.images:
             if image.heatmap is None or image.heatmap_size is None:
                 continue
             try:
-                capture = self._capture(inputs, image, made_at)
+                capture = self._capture(inputs, image, sources[image.instance_pk], made_at)
             except (CaptureError, PixelError) as exc:  # the report still says what was found
                 log.warning("no Grad-CAM capture of %s: %s", image.sop_instance_uid, exc)
                 continue
@@ -110,7 +112,7 @@ class ResultMaker:
             )
             made.append(MadeObject(str(capture.SOPInstanceUID), GRADCAM, image.instance_pk))
         if inputs.images:
-            report = build_report(self._study_report(inputs, captures, made_at))
+            report = build_report(self._study_report(inputs, sources, captures, made_at))
             self._store_dataset(report)
             made.append(MadeObject(str(report.SOPInstanceUID), REPORT, None))
         return self._records.record(claim, assessment, made, self._destinations)
@@ -121,13 +123,15 @@ class ResultMaker:
     def _path(self, relative: str) -> Path:
         return self._store.absolute(PurePosixPath(relative))
 
-    def _capture(self, inputs: ResultsInput, image: AnalysedImage, made_at: datetime) -> Dataset:
+    def _capture(
+        self, inputs: ResultsInput, image: AnalysedImage, source: Dataset, made_at: datetime
+    ) -> Dataset:
         assert image.heatmap is not None and image.heatmap_size is not None
         path = self._path(image.file_path)
         label = image.heatmap_label or image.predicted_label
         return build_capture(
             CaptureInput(
-                source=self._source(image),
+                source=source,
                 frame=display_frame(path, image.frame_index),
                 frame_index=image.frame_index,
                 heatmap=decode_heatmap(image.heatmap, image.heatmap_size),
@@ -143,11 +147,14 @@ class ResultMaker:
         )
 
     def _study_report(
-        self, inputs: ResultsInput, captures: dict[int, GradcamCapture], made_at: datetime
+        self,
+        inputs: ResultsInput,
+        sources: dict[int, Dataset],
+        captures: dict[int, GradcamCapture],
+        made_at: datetime,
     ) -> StudyReport:
         assessment = inputs.assessment
         model = inputs.model
-        sources = {image.instance_pk: self._source(image) for image in inputs.images}
         findings = [
             ImageFinding(
                 source=sources[image.instance_pk],
