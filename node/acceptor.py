@@ -15,13 +15,15 @@ ones the node relies on, once per process, before the AE exists:
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import tempfile
 import time
 from pathlib import Path
 
 from pydicom import uid
 from pynetdicom import AE, _config, evt
-from pynetdicom.events import EventHandlerType
+from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -48,10 +50,12 @@ from node.handlers import (
     handle_store,
 )
 from node.ingest import Ingestor
+from node.observe import EdgeObservers
 from node.retrieve import Retriever
 from node.settings import Destination, DicomSettings
 from node.sockets import send_without_delay
 from node.storage import ObjectStore
+from node.tls import PLAIN, OutgoingTls, complete_handshake
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +129,16 @@ class Acceptor:
         store: ObjectStore,
         destinations: list[Destination] | None = None,
         similarity: SimilarityEdge | None = None,
+        observers: EdgeObservers | None = None,
+        tls: ssl.SSLContext | None = None,
+        outgoing: OutgoingTls = PLAIN,
     ) -> None:
         self._settings = settings
+        self._tls = tls
+        self._observers = observers or EdgeObservers()
         self._ingestor = ingestor
         self._catalog = catalog
-        self._retriever = Retriever(catalog, store, destinations or [])
+        self._retriever = Retriever(catalog, store, destinations or [], outgoing)
         self._similarity = similarity
         self._policy = AccessPolicy(settings.calling_aes(), {settings.ae_title, settings.similar_ae_title})
         self._permissions = Permissions(settings)
@@ -159,33 +168,49 @@ class Acceptor:
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; return the bound address."""
+        observed = self._observers
         handlers: list[EventHandlerType] = [
-            (evt.EVT_REQUESTED, handle_association_requested, [self._policy]),
-            (evt.EVT_C_STORE, handle_store, [self._ingestor, self._permissions]),
+            (evt.EVT_REQUESTED, observed.requested(handle_association_requested), [self._policy]),
+            (evt.EVT_C_STORE, observed.store(handle_store), [self._ingestor, self._permissions]),
             (
                 evt.EVT_C_FIND,
-                handle_find,
+                observed.responses(handle_find, "find"),
                 [self._catalog, self._permissions, self._settings.ae_title, self._similarity],
             ),
-            (evt.EVT_C_MOVE, handle_move, [self._retriever, self._permissions, self._settings.ae_title]),
-            (evt.EVT_C_GET, handle_get, [self._retriever, self._permissions, self._settings.ae_title]),
+            (
+                evt.EVT_C_MOVE,
+                observed.responses(handle_move, "move"),
+                [self._retriever, self._permissions, self._settings.ae_title],
+            ),
+            (
+                evt.EVT_C_GET,
+                observed.responses(handle_get, "get"),
+                [self._retriever, self._permissions, self._settings.ae_title],
+            ),
             (evt.EVT_ACCEPTED, handle_association_event),
             (evt.EVT_RELEASED, handle_association_event),
             (evt.EVT_ABORTED, handle_association_event),
             (evt.EVT_CONN_OPEN, send_without_delay),
+            (evt.EVT_CONN_OPEN, end_stalled_reads, [self._settings.network_timeout]),
             (evt.EVT_CONN_CLOSE, discard_partial_dataset),
         ]
+        if self._tls is not None:
+            handlers.append((evt.EVT_CONN_OPEN, complete_handshake, [self._settings.acse_timeout]))
         self._server = self._ae.start_server(
-            (self._settings.bind, self._settings.port), block=False, evt_handlers=handlers
+            (self._settings.bind, self._settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._tls,
         )
         assert self._server is not None
         host, port = self._server.server_address[:2]
         log.info(
-            "listening on %s:%s as %s (similarity: %s)",
+            "listening on %s:%s as %s (similarity: %s)%s",
             host,
             port,
             self._settings.ae_title,
             self._settings.similar_ae_title,
+            " over TLS" if self._tls is not None else "",
         )
         return str(host), int(port)
 
@@ -207,3 +232,20 @@ class Acceptor:
             log.warning("aborting %d association(s) still open after %.0f s", remaining, timeout)
         self._ae.shutdown()
         return remaining == 0
+
+
+def end_stalled_reads(event: Event, timeout: float) -> None:
+    """EVT_CONN_OPEN: no read or write on the connection waits more than ``timeout``
+    seconds (``dicom.network_timeout``).
+
+    pynetdicom reads a PDU with blocking receives once its first bytes have arrived, and
+    checks its own network timeout only between PDUs, in the thread that is blocked. A peer
+    that stops in the middle of a PDU (a modality switched off mid-push, a link gone without
+    a reset) would hold the connection's thread, its association slot and its partial file
+    in ``incoming/`` until the peer closed the connection, which a vanished peer never
+    does. With a socket timeout the receive fails, pynetdicom closes the connection and
+    :func:`~node.handlers.discard_partial_dataset` removes the file.
+    """
+    channel = getattr(event.assoc.dul.socket, "socket", None)
+    if isinstance(channel, socket.socket):
+        channel.settimeout(timeout)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from node.catalog.database import CatalogConfigError
 from node.catalog.recording import Catalog
-from node.errors import CatalogUnavailable, ModelConfigError, StartupError
+from node.errors import CatalogUnavailable, ModelConfigError, StartupError, TlsConfigError
 from node.logs import configure_logging
 from node.settings import CONFIG_FILE_VARIABLE, ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from node.catalog.audit import Outcome
 
 app = typer.Typer(
     help="Precedent: a DICOM AI node for breast imaging.",
@@ -26,6 +31,16 @@ app.add_typer(db_app, name="db")
 destinations_app = typer.Typer(help="The peers results are sent to.", no_args_is_help=True)
 app.add_typer(destinations_app, name="destinations")
 
+_AUDITED_COMMAND = "precedent.audited_command"
+
+
+def _note_command(ctx: typer.Context, config: Path | None) -> Path | None:
+    """Remember the running command for its audit row (:func:`_audit_command`): every
+    command that reads or changes the node's data takes the node's settings."""
+    ctx.meta[_AUDITED_COMMAND] = ctx
+    return config
+
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option(
@@ -33,16 +48,25 @@ ConfigOption = Annotated[
         "-c",
         envvar=CONFIG_FILE_VARIABLE,
         help="TOML settings file (see config/precedent.toml).",
+        callback=_note_command,
     ),
 ]
 CONFIG_EXIT = 2
 RUNTIME_EXIT = 1
 
 
+class _Failed(typer.Exit):
+    """An exit with the message the operator was shown, which the audit trail keeps too."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.message = message
+
+
 def _fail(message: str, exit_code: int) -> typer.Exit:
     """Print an operator-facing error as plain text (no wrapping, no markup) and exit."""
     typer.echo(message, err=True)
-    return typer.Exit(exit_code)
+    return _Failed(message, exit_code)
 
 
 def _settings(config: Path | None) -> Settings:
@@ -63,7 +87,7 @@ def _exiting_on_startup_errors() -> Iterator[None]:
         raise _fail(f"configuration error: {exc}", CONFIG_EXIT) from None
     except CatalogUnavailable as exc:
         raise _fail(str(exc), RUNTIME_EXIT) from None
-    except ModelConfigError as exc:
+    except (ModelConfigError, TlsConfigError) as exc:
         raise _fail(f"configuration error: {exc}", CONFIG_EXIT) from None
     except StartupError as exc:
         raise _fail(f"cannot start: {exc}", RUNTIME_EXIT) from None
@@ -99,12 +123,15 @@ def db_upgrade(config: ConfigOption = None) -> None:
 def destinations_check(config: ConfigOption = None) -> None:
     """C-ECHO every configured destination; exit 1 if any does not answer."""
     from node.forward import echo, new_ae
+    from node.tls import OutgoingTls
 
     settings = _settings(config)
     if not settings.destinations:
         raise _fail("no [[destinations]] are configured", RUNTIME_EXIT)
+    with _exiting_on_startup_errors():
+        outgoing = OutgoingTls.for_destinations(settings.tls, settings.destinations)
     ae = new_ae(settings.dicom.ae_title, settings.forwarding)
-    results = [echo(destination, ae) for destination in settings.destinations]
+    results = [echo(d, ae, outgoing.tls_args(d)) for d in settings.destinations]
     for result in results:
         d = result.destination
         mark = "ok  " if result.ok else "FAIL"
@@ -550,3 +577,139 @@ def demo(
         raise _fail(f"demo failed: {exc}", RUNTIME_EXIT) from None
     except KeyboardInterrupt:
         raise _fail("interrupted: the node is stopped; rerun the same command to go on", 130) from None
+
+
+# Services, not commands: what the node and its workers do is audited at the DICOM edge.
+# `config` prints the settings and reads no data.
+_NOT_AUDITED = frozenset({"serve", "worker", "config"})
+
+
+@app.callback()
+def _audited(ctx: typer.Context) -> None:
+    # One place for the audit row of every command, written as the command ends.
+    ctx.call_on_close(lambda: _audit_command(ctx))
+
+
+def _audit_command(root: typer.Context) -> None:
+    """Write the audit row of the command that has just ended: its name, arguments, OS user
+    and exit code.
+
+    Called as the root context closes, which happens while the exception that ends a
+    command (an Exit with its code, or an error) is still being handled, so
+    ``sys.exc_info()`` names it. A command whose settings cannot be read cannot be
+    audited; one whose row the catalog does not take has run nonetheless, and says so.
+    """
+    command = root.meta.get(_AUDITED_COMMAND)
+    if command is None:
+        return
+    action = command.command_path.removeprefix(root.info_name or "").strip()
+    if action in _NOT_AUDITED:
+        return
+    try:
+        settings = load_settings(command.params.get("config"))
+    except ConfigError:
+        return
+    if not settings.audit.enabled:
+        return
+    from node.catalog.audit import AuditTrail, command_subject, os_user
+
+    status, outcome, reason = _ending(sys.exc_info()[1])
+    url = settings.catalog_url()
+    try:
+        catalog = Catalog.open(url)
+        try:
+            AuditTrail(catalog, settings.audit).record_command(
+                action,
+                command_subject(command.params, url),
+                user=os_user(),
+                status=status,
+                outcome=outcome,
+                reason=reason,
+            )
+        finally:
+            catalog.close()
+    except Exception as exc:  # the command has run: its own outcome stands, with a warning
+        typer.echo(f"warning: this command is not in the audit trail: {exc}", err=True)
+
+
+def _ending(exc: BaseException | None) -> tuple[int, Outcome, str]:
+    """How a command ended: the exit code ``precedent`` gives, its outcome and why."""
+    if exc is None or isinstance(exc, typer.Exit):
+        code = 0 if exc is None else exc.exit_code
+        outcome: Outcome = "success" if code == 0 else "cancelled" if code == 130 else "failure"
+        return code, outcome, exc.message if isinstance(exc, _Failed) else ""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "cancelled", "interrupted"
+    if isinstance(exc, typer.TyperException):  # a usage error
+        return exc.exit_code, "failure", exc.format_message()
+    return 1, "failure", f"{type(exc).__name__}: {exc}"
+
+
+def _moment(text: str) -> datetime:
+    from node.catalog.audit import moment
+
+    try:
+        return moment(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command("audit")
+def audit_export(
+    since: Annotated[
+        datetime,
+        typer.Option(
+            parser=_moment,
+            metavar="WHEN",
+            help="From this moment on: an ISO 8601 date or time (UTC unless it carries an offset), "
+            "or an age: 30m, 12h, 7d, 2w.",
+        ),
+    ],
+    config: ConfigOption = None,
+    until: Annotated[
+        datetime | None,
+        typer.Option(parser=_moment, metavar="WHEN", help="Before this moment (as --since)."),
+    ] = None,
+    actor: Annotated[
+        str | None, typer.Option(help="dicom (requests of DICOM peers) or admin (precedent commands).")
+    ] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(
+            help="associate, store, find, similar, move, get, dropped, or a command (e.g. 'db upgrade')."
+        ),
+    ] = None,
+    calling_ae: Annotated[str | None, typer.Option(help="Only requests from this calling AE title.")] = None,
+    file_format: Annotated[
+        str, typer.Option("--format", help="csv (a header; subject as JSON text) or json (JSON Lines).")
+    ] = "csv",
+    output: Annotated[Path | None, typer.Option(help="Write to this file, not standard output.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many events.")] = None,
+) -> None:
+    """Export the audit trail: who asked the node for what, from where, when, and the outcome."""
+    from node.catalog.audit import ACTORS, AuditTrail, write_csv, write_json_lines
+
+    if file_format not in ("csv", "json"):
+        raise typer.BadParameter(f"{file_format!r} is not one of 'csv', 'json'", param_hint="'--format'")
+    if actor is not None and actor not in ACTORS:
+        raise typer.BadParameter(f"{actor!r} is not one of 'dicom', 'admin'", param_hint="'--actor'")
+    settings = _settings(config)
+    write = write_csv if file_format == "csv" else write_json_lines
+    with _exiting_on_startup_errors():
+        catalog = Catalog.open(settings.catalog_url())
+        try:
+            trail = AuditTrail(catalog, settings.audit)
+            events = trail.events(
+                since, until, actor=actor, action=action, calling_ae=calling_ae, limit=limit
+            )
+            if output is None:
+                write(events, sys.stdout)
+                return
+            try:
+                with output.open("w", encoding="utf-8", newline="") as out:
+                    count = write(events, out)
+            except OSError as exc:
+                raise _fail(f"cannot write {output}: {exc.strerror or exc}", RUNTIME_EXIT) from None
+            typer.echo(f"{count} events written to {output}", err=True)
+        finally:
+            catalog.close()

@@ -82,3 +82,9 @@ class ModelConfigError(StartupError):
 
 class NoModelConfigured(ModelConfigError):
     """``model.bundle`` is not set: the node stores and serves, workers have nothing to do."""
+
+
+class TlsConfigError(StartupError):
+    """``tls.*`` names a file the node cannot use: missing, unreadable, not PEM, an encrypted
+    key, or a key that does not match its certificate. A configuration error: the message
+    names the key."""

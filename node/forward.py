@@ -15,6 +15,7 @@ others. Each round claims what is due in the destination's queue (the catalog's
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def new_ae(ae_title: str, settings: ForwardingSettings) -> AE:
     return ae
 
 
-def echo(destination: Destination, ae: AE) -> EchoResult:
+def echo(destination: Destination, ae: AE, tls_args: tuple[ssl.SSLContext, str] | None = None) -> EchoResult:
     """C-ECHO one destination: what ``precedent destinations check`` shows."""
     assoc = ae.associate(
         destination.host,
@@ -76,6 +77,7 @@ def echo(destination: Destination, ae: AE) -> EchoResult:
         contexts=[build_context(Verification)],
         ae_title=destination.ae_title,
         evt_handlers=[(evt.EVT_CONN_OPEN, send_without_delay)],
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         return EchoResult(destination, False, _association_failure(assoc, destination))
@@ -100,12 +102,17 @@ class DestinationForwarder:
         store: ObjectStore,
         ae: AE,
         settings: ForwardingSettings,
+        *,
+        tls_args: tuple[ssl.SSLContext, str] | None = None,
     ) -> None:
+        """``tls_args``: pynetdicom's, for a destination with ``tls = true``
+        (:meth:`node.tls.OutgoingTls.tls_args`)."""
         self.destination = destination
         self._queue = queue
         self._store = store
         self._ae = ae
         self._settings = settings
+        self._tls_args = tls_args
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures_in_a_row = 0
@@ -158,6 +165,7 @@ class DestinationForwarder:
             contexts=contexts[:MAX_CONTEXTS],
             ae_title=self.destination.ae_title,
             evt_handlers=[(evt.EVT_CONN_OPEN, send_without_delay)],
+            tls_args=self._tls_args,
         )
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
             # pynetdicom aborts an association whose contexts were all rejected

@@ -113,15 +113,16 @@ _REJECTION: dict[Refusal, tuple[int, int, int]] = {
 _ERROR_COMMENT_MAX = 64  # LO
 
 
-def handle_association_requested(event: Event, policy: AccessPolicy) -> None:
-    """Reject, with the proper A-ASSOCIATE-RJ reason, a peer the policy refuses."""
+def handle_association_requested(event: Event, policy: AccessPolicy) -> str | None:
+    """Reject, with the proper A-ASSOCIATE-RJ reason, a peer the policy refuses; return
+    why, or None when the association goes on."""
     requestor = event.assoc.requestor
     primitive = requestor.primitive
     calling = str(primitive.calling_ae_title) if primitive is not None else ""
     called = str(primitive.called_ae_title) if primitive is not None else ""
     refusal = policy.refusal(calling, called, str(requestor.address))
     if refusal is None:
-        return
+        return None
     log.warning(
         "association from %r at %s to %r rejected: %s",
         calling.strip(),
@@ -133,6 +134,7 @@ def handle_association_requested(event: Event, policy: AccessPolicy) -> None:
     # As pynetdicom's own rejections do: wait until the DUL has sent the A-ASSOCIATE-RJ
     # and the peer has closed, or the socket is shut before the reply leaves.
     event.assoc.kill()
+    return refusal.value
 
 
 def handle_store(event: Event, ingestor: Ingestor, permissions: Permissions) -> int | Dataset:

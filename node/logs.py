@@ -23,6 +23,12 @@ def configure_logging(level: str) -> None:
     # pynetdicom narrates every PDU at INFO; the node logs what an operator needs.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # highdicom narrates every attribute it copies at INFO, and quotes a patient's name when it
+    # finds one odd (as a Python warning, or in highdicom.base's warnings): the log names UIDs,
+    # never patients, so neither reaches it.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom.base").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person")
     # pydicom warns (as Python warnings) about every odd value it reads; the node
     # reports what it refuses itself, and odd-but-readable data is normal in the field.
     warnings.filterwarnings("ignore", module="pydicom")

@@ -38,6 +38,7 @@ from node.query import Model, Selection, parse_retrieve
 from node.settings import Destination
 from node.sockets import send_without_delay
 from node.storage import ObjectStore
+from node.tls import PLAIN, OutgoingTls
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,17 @@ class NotSendable(Exception):
 class Retriever:
     """Carries out C-MOVE and C-GET requests from the catalog and the object store."""
 
-    def __init__(self, catalog: Catalog, store: ObjectStore, destinations: list[Destination]) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        store: ObjectStore,
+        destinations: list[Destination],
+        outgoing: OutgoingTls = PLAIN,
+    ) -> None:
         self._catalog = catalog
         self._store = store
         self._destinations = destinations
+        self._outgoing = outgoing
 
     def destination(self, ae_title: str) -> Destination:
         """The configured destination with this AE title (the first, if several share it)."""
@@ -175,6 +183,7 @@ class Retriever:
             ae_title=destination.ae_title,
             max_pdu=ae.maximum_pdu_size,
             evt_handlers=[(evt.EVT_CONN_OPEN, send_without_delay)],
+            tls_args=self._outgoing.tls_args(destination),
         )
         # A destination that accepted none of the proposed contexts (pynetdicom then aborts)
         # is reachable: each instance fails on its own, for want of a context.

@@ -10,21 +10,30 @@ import tempfile
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
 
 from node.acceptor import Acceptor, configure_pynetdicom
 from node.catalog.analyses import AnalysisRecords
+from node.catalog.audit import AuditTrail
 from node.catalog.deliveries import DeliveryQueue
 from node.catalog.recording import Catalog
 from node.dispatch import Dispatcher
 from node.errors import StartupError
 from node.forward import DestinationForwarder, new_ae, result_destinations
 from node.handlers import SimilarityEdge
+from node.health import HealthChecks
+from node.http_endpoint import MetricsEndpoint
 from node.ingest import Ingestor
 from node.local_workers import LocalWorkers
+from node.metrics import CatalogCollector, EdgeMetrics, LiveCollector
+from node.observe import EdgeObserver, EdgeObservers
 from node.settings import Settings
 from node.similar import SimilarityService
+from node.status import live_status
 from node.storage import ObjectStore
+from node.tls import OutgoingTls, server_context
 
 if TYPE_CHECKING:
     from workers.index_keeper import IndexKeeper
@@ -35,6 +44,9 @@ log = logging.getLogger(__name__)
 class Node:
     def __init__(self, settings: Settings, config_file: Path | None = None) -> None:
         self.settings = settings
+        # First: a [tls] file the node cannot use stops the start-up before anything is made.
+        self._server_tls = server_context(settings.tls) if settings.tls.enabled else None
+        self._outgoing = OutgoingTls.for_destinations(settings.tls, settings.destinations)
         self.store = ObjectStore(
             settings.storage.data_dir,
             fsync=settings.storage.fsync,
@@ -66,6 +78,8 @@ class Node:
             analyse_with=self.model_id,
         )
         self.index = self._index_keeper()
+        self.metrics = EdgeMetrics(CollectorRegistry())
+        self.audit = AuditTrail(self.catalog, settings.audit) if settings.audit.enabled else None
         similarity = SimilarityEdge(
             settings.dicom.similar_ae_title,
             SimilarityService(self.catalog, self.index, self.model_id, settings.similarity),
@@ -78,8 +92,35 @@ class Node:
             store=self.store,
             destinations=settings.destinations,
             similarity=similarity,
+            observers=EdgeObservers(self._edge_observers(), similar_ae_title=settings.dicom.similar_ae_title),
+            tls=self._server_tls,
+            outgoing=self._outgoing,
         )
         self.forwarders = self._forwarders()
+        self.endpoint = self._endpoint()
+
+    def _edge_observers(self) -> list[EdgeObserver]:
+        """Who is told of every request at the network edge (:mod:`node.observe`)."""
+        observers: list[EdgeObserver] = [self.metrics]
+        if self.audit is not None:
+            observers.append(self.audit)
+        return observers
+
+    def _endpoint(self) -> MetricsEndpoint | None:
+        """``/metrics``, ``/healthz`` and ``/status.json``, when ``metrics.port`` is set."""
+        if not self.settings.metrics.port:
+            return None
+        registry = self.metrics.registry
+        destinations = [d.name for d in result_destinations(self.settings.destinations)]
+        registry.register(CatalogCollector(self.catalog, destinations))
+        registry.register(LiveCollector(self.acceptor.active_associations, self.index, self.store.data_dir))
+        health = HealthChecks(self.settings, self.catalog, self.index)
+        return MetricsEndpoint(self.settings.metrics, registry, health.run, self._live_status)
+
+    def _live_status(self) -> dict[str, Any]:
+        return live_status(
+            self.acceptor.active_associations(), self.settings.dicom.max_associations, self.index
+        )
 
     def _check_model(self) -> str | None:
         """Load and check the bundle now, so that a bad one stops the start-up, not the
@@ -110,7 +151,14 @@ class Node:
         queue = DeliveryQueue(self.catalog)
         ae = new_ae(self.settings.dicom.ae_title, self.settings.forwarding)
         return [
-            DestinationForwarder(destination, queue, self.store, ae, self.settings.forwarding)
+            DestinationForwarder(
+                destination,
+                queue,
+                self.store,
+                ae,
+                self.settings.forwarding,
+                tls_args=self._outgoing.tls_args(destination),
+            )
             for destination in result_destinations(self.settings.destinations)
         ]
 
@@ -130,13 +178,18 @@ class Node:
         )
 
     def start(self) -> tuple[str, int]:
+        self._start_endpoint()
         try:
             address = self.acceptor.start()
         except OSError as exc:
+            if self.endpoint is not None:
+                self.endpoint.stop()
             dicom = self.settings.dicom
             raise StartupError(
                 f"cannot listen on {dicom.bind}:{dicom.port} (dicom.bind, dicom.port): {exc.strerror or exc}"
             ) from exc
+        if self.audit is not None:  # what the edge told it meanwhile waits in its queue
+            self.audit.start()
         if self.index is not None:
             self.index.start()
         if self.dispatcher is not None:
@@ -147,8 +200,23 @@ class Node:
             forwarder.start()
         return address
 
+    def _start_endpoint(self) -> None:
+        """First, so that a taken port stops the start-up before anything else runs."""
+        if self.endpoint is None:
+            return
+        try:
+            self.endpoint.start()
+        except OSError as exc:
+            metrics = self.settings.metrics
+            raise StartupError(
+                f"cannot listen on {metrics.bind}:{metrics.port} (metrics.bind, metrics.port): "
+                f"{exc.strerror or exc}"
+            ) from exc
+
     def stop(self) -> bool:
         finished = self.acceptor.stop(self.settings.dicom.shutdown_timeout)
+        if self.endpoint is not None:
+            self.endpoint.stop()
         if self.workers is not None:
             self.workers.stop(self.settings.dicom.shutdown_timeout)
         if self.dispatcher is not None:
@@ -157,6 +225,8 @@ class Node:
             forwarder.stop()
         if self.index is not None:
             self.index.stop()
+        if self.audit is not None:  # after the acceptor: the last associations' events are written
+            self.audit.stop(self.settings.dicom.shutdown_timeout)
         self.catalog.close()
         tempfile.tempdir = self._previous_tempdir
         return finished

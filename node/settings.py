@@ -198,15 +198,60 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class MetricsSettings(_Section):
+    """The node's HTTP endpoint: ``/metrics`` for Prometheus, ``/healthz`` for probes."""
+
+    port: int = Field(0, ge=0, le=65535)
+    bind: str = "127.0.0.1"
+
+
+class TlsSettings(_Section):
+    """DICOM over TLS (PS3.15 B.1): the acceptor's, and the node's own associations to the
+    ``[[destinations]]`` with ``tls = true``. The files are checked at start-up
+    (:mod:`node.tls`); here only that the keys a TLS acceptor needs are set."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+    minimum_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if self.enabled:
+            missing = [f"tls.{key}" for key in ("certificate", "private_key") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} must be set when tls.enabled is true")
+            if self.require_client_certificate and self.ca_certificates is None:
+                raise ValueError(
+                    "tls.ca_certificates must be set when tls.require_client_certificate is true: "
+                    "client certificates are checked against it"
+                )
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key go together: set both or neither")
+        return self
+
+
+class AuditSettings(_Section):
+    """The audit trail: who asked the node for what, kept in the catalog (``precedent audit``)."""
+
+    enabled: bool = True
+    flush_seconds: float = Field(0.5, gt=0, le=60)
+    max_queued: int = Field(100_000, ge=1)
+
+
 class Destination(_Section):
     """A peer the node sends to: a C-MOVE destination and, with ``results``, where every
-    SR and Grad-CAM capture is forwarded."""
+    SR and Grad-CAM capture is forwarded; with ``tls``, over TLS, its certificate checked
+    against ``tls.ca_certificates`` and ``host``."""
 
     name: Annotated[str, Field(min_length=1, max_length=64)]
     ae_title: AETitle
     host: Annotated[str, Field(min_length=1)]
     port: Port
     results: bool = True
+    tls: bool = False
 
 
 class Settings(BaseSettings):
@@ -229,6 +274,9 @@ class Settings(BaseSettings):
     similarity: SimilaritySettings = SimilaritySettings()
     forwarding: ForwardingSettings = ForwardingSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings = AuditSettings()
+    tls: TlsSettings = TlsSettings()
+    metrics: MetricsSettings = MetricsSettings()
     destinations: list[Destination] = []
 
     @field_validator("destinations")

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,17 @@ def open_index(settings: Settings, catalog: Catalog, model_id: str) -> Similarit
     )
 
 
+@dataclass(frozen=True)
+class KeeperState:
+    """How the keeper stands, for the node's health check, metrics and status."""
+
+    model_id: str
+    vectors: int
+    running: bool  # the thread is alive
+    ready: bool  # the index is open and searchable
+    since_sync: float | None  # seconds since it last opened or synced without error
+
+
 class IndexKeeper:
     """The node's index of one model, opened and synced by a background thread."""
 
@@ -60,6 +72,17 @@ class IndexKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_save = time.monotonic()
+        self._synced_at: float | None = None
+
+    def state(self) -> KeeperState:
+        synced_at = self._synced_at
+        return KeeperState(
+            model_id=self._model_id,
+            vectors=len(self),
+            running=self._thread is not None and self._thread.is_alive(),
+            ready=self._index is not None,
+            since_sync=None if synced_at is None else time.monotonic() - synced_at,
+        )
 
     def search(self, vectors: np.ndarray, k: int, *, exclude: Collection[int] = ()) -> list[list[Match]]:
         return self._ready().search(vectors, k, exclude=exclude)
@@ -90,6 +113,7 @@ class IndexKeeper:
         while self._index is None and not self._stop.is_set():
             try:
                 self._index = open_index(self._settings, self._catalog, self._model_id)
+                self._synced_at = time.monotonic()
                 log.info("similarity index of model %s open: %d vectors", self._model_id[:12], len(self))
             except CatalogUnavailable as exc:
                 log.error("similarity index cannot be opened yet: %s", exc)
@@ -105,6 +129,7 @@ class IndexKeeper:
     def _sync(self) -> None:
         index = self._ready()
         index.sync(self._catalog)
+        self._synced_at = time.monotonic()
         due = time.monotonic() - self._last_save > _SAVE_AFTER_SECONDS
         if index.snapshot is not None and (index.unsaved >= _SAVE_AFTER_VECTORS or (due and index.unsaved)):
             index.save()

@@ -249,6 +249,35 @@ class Delivery(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class AuditEvent(Base):
+    """One entry of the audit trail (:mod:`node.catalog.audit`): a request a DICOM peer
+    made (actor ``dicom``) or a ``precedent`` command an administrator ran (``admin``).
+
+    Rows are only ever added. Ids grow in commit order and are never reused (AUTOINCREMENT
+    on SQLite, a sequence on PostgreSQL), so an export read by id can be resumed, and a gap
+    means rows were removed. ``host`` tells apart the nodes that share one catalog.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    actor: Mapped[str] = mapped_column(String(16))  # "dicom" or "admin"
+    action: Mapped[str] = mapped_column(String(64))  # store, find, …, or the command's name
+    calling_ae: Mapped[str] = mapped_column(String)
+    called_ae: Mapped[str] = mapped_column(String)
+    address: Mapped[str] = mapped_column(String)
+    user: Mapped[str] = mapped_column(String)  # the OS user of an admin command
+    host: Mapped[str] = mapped_column(String)
+    status: Mapped[int] = mapped_column(Integer)  # DIMSE status, or a command's exit code
+    outcome: Mapped[str] = mapped_column(String(16))  # success, warning, failure, cancelled, rejected
+    subject: Mapped[dict[str, Any]] = mapped_column(JSON)  # what was asked for
+    count: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+
+
 # The tables as Core objects (typed Table), for statements built without the ORM.
 PATIENTS = Base.metadata.tables["patients"]
 STUDIES = Base.metadata.tables["studies"]
@@ -260,3 +289,4 @@ EMBEDDINGS = Base.metadata.tables["embeddings"]
 STUDY_ASSESSMENTS = Base.metadata.tables["study_assessments"]
 RESULTS = Base.metadata.tables["results"]
 DELIVERIES = Base.metadata.tables["deliveries"]
+AUDIT_EVENTS = Base.metadata.tables["audit_events"]

@@ -80,9 +80,11 @@ class Site:
         self.node.start(timeout=120)
         return self.node
 
-    def start_worker(self, name: str) -> subprocess.Popen[str]:
-        """``precedent worker``, as the systemd unit runs it."""
-        return self._worker(name, [str(precedent_executable()), "worker", "--config", str(self.config)])
+    def start_worker(self, name: str, **variables: str) -> subprocess.Popen[str]:
+        """``precedent worker``, as the systemd unit runs it (``variables`` added to its
+        environment, e.g. the unit's ``LD_PRELOAD``)."""
+        command = [str(precedent_executable()), "worker", "--config", str(self.config)]
+        return self._worker(name, command, **variables)
 
     def start_celery_worker(self, name: str) -> subprocess.Popen[str]:
         """Celery's own command, the settings file named by ``PRECEDENT_CONFIG``."""
@@ -127,24 +129,24 @@ class Site:
         return self._grouped(STUDY_ASSESSMENTS.c.state)
 
     def attempts(self) -> list[int]:
-        with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
+        with open_catalog(self.catalog_url) as catalog, catalog.connection() as connection:
             return list(connection.execute(select(ANALYSES.c.attempts).order_by(ANALYSES.c.id)).scalars())
 
     def states_and_attempts(self) -> list[tuple[str, int]]:
-        with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
+        with open_catalog(self.catalog_url) as catalog, catalog.connection() as connection:
             rows = connection.execute(select(ANALYSES.c.state, ANALYSES.c.attempts).order_by(ANALYSES.c.id))
             return [(state, int(attempts)) for state, attempts in rows]
 
     def finished_at(self) -> list[Any]:
-        with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
+        with open_catalog(self.catalog_url) as catalog, catalog.connection() as connection:
             return list(connection.execute(select(ANALYSES.c.finished_at).order_by(ANALYSES.c.id)).scalars())
 
     def embeddings(self) -> int:
-        with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
+        with open_catalog(self.catalog_url) as catalog, catalog.connection() as connection:
             return int(connection.execute(select(func.count()).select_from(EMBEDDINGS)).scalar_one())
 
     def _grouped(self, column: Any) -> dict[str, int]:
-        with _catalog(self.catalog_url) as catalog, catalog.connection() as connection:
+        with open_catalog(self.catalog_url) as catalog, catalog.connection() as connection:
             rows = connection.execute(select(column, func.count()).group_by(column)).all()
         return {state: int(n) for state, n in rows}
 
@@ -157,7 +159,7 @@ class Site:
 
 
 @contextlib.contextmanager
-def _catalog(url: str) -> Iterator[Catalog]:
+def open_catalog(url: str) -> Iterator[Catalog]:
     catalog = Catalog.open(url)
     try:
         yield catalog
