@@ -9,12 +9,14 @@ cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Real peers and validators from Debian's packages: DCMTK (storescu, findscu, dsrdump, …),
-# Orthanc (the PACS), dicom3tools (dciodvfy), and tcmalloc (the workers preload it).
+# Orthanc (the PACS), dicom3tools (dciodvfy), tcmalloc (the workers preload it), and Redis
+# (the broker: tests start private servers, and some use the one on 127.0.0.1:6379).
 missing=()
 command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 [ -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || missing+=(libtcmalloc-minimal4)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ "${#missing[@]}" -gt 0 ]; then
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -29,6 +31,10 @@ if ! (echo > /dev/tcp/127.0.0.1/5432) 2>/dev/null; then
     as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
   fi
   as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
+fi
+
+if ! (echo > /dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes >/dev/null
 fi
 
 bash deploy/setup.sh --test
