@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from sqlalchemy import text
 from node.catalog.recording import Catalog
 from node.errors import CatalogUnavailable
 from node.settings import Settings
+from node.storage import disk_space
 
 if TYPE_CHECKING:
     from workers.index_keeper import IndexKeeper
@@ -58,36 +58,6 @@ class Health:
             "ok": self.ok,
             "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in self.checks.items()},
         }
-
-
-@dataclass(frozen=True)
-class DiskSpace:
-    """The data directory's file system, against ``storage.min_free_bytes``."""
-
-    path: Path
-    free_bytes: int
-    total_bytes: int
-    min_free_bytes: int
-
-    @property
-    def low(self) -> bool:
-        return self.free_bytes < self.min_free_bytes
-
-    def describe(self) -> str:
-        said = f"{_mib(self.free_bytes)} MiB free of {_mib(self.total_bytes)} MiB in {self.path}"
-        if self.low:
-            return f"{said}: below storage.min_free_bytes ({_mib(self.min_free_bytes)} MiB)"
-        return said
-
-
-def disk_space(data_dir: Path, min_free_bytes: int) -> DiskSpace:
-    """Raises OSError when the data directory cannot be looked at."""
-    usage = shutil.disk_usage(data_dir)
-    return DiskSpace(data_dir.resolve(), usage.free, usage.total, min_free_bytes)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.0f}"
 
 
 class HealthChecks:

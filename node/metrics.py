@@ -31,8 +31,8 @@ from node.catalog.models import ANALYSES, DELIVERIES, STUDY_ASSESSMENTS
 from node.catalog.recording import Catalog
 from node.catalog.work import DONE, STATES, UNFINISHED
 from node.errors import CatalogUnavailable
-from node.health import disk_space
 from node.observe import EdgeEvent
+from node.storage import disk_space
 
 if TYPE_CHECKING:
     from workers.index_keeper import IndexKeeper

@@ -24,8 +24,8 @@ from node.catalog.recording import Catalog
 from node.catalog.work import UNFINISHED
 from node.errors import ModelConfigError
 from node.forward import result_destinations
-from node.health import disk_space
 from node.settings import MetricsSettings, Settings
+from node.storage import disk_space
 
 if TYPE_CHECKING:
     from workers.index_keeper import IndexKeeper
@@ -150,7 +150,7 @@ def _disk(settings: Settings) -> dict[str, Any]:
     except OSError as exc:
         return {"path": str(storage.data_dir), "error": str(exc.strerror or exc)}
     return {
-        "path": str(space.path),
+        "path": str(space.path.resolve()),
         "free_bytes": space.free_bytes,
         "total_bytes": space.total_bytes,
         "min_free_bytes": space.min_free_bytes,

@@ -84,12 +84,12 @@ class ObjectStore:
     def require_free_space(self) -> None:
         """Refuse new data before the disk is full, so a store never half-fails."""
         try:
-            usage = shutil.disk_usage(self.data_dir)
+            space = disk_space(self.data_dir, self._min_free_bytes)
         except OSError as exc:
             raise StorageUnavailable(f"data directory unusable: {exc.strerror}") from exc
-        if usage.free < self._min_free_bytes:
+        if space.low:
             raise StorageUnavailable(
-                f"data directory has {usage.free // 2**20} MiB free, below storage.min_free_bytes"
+                f"data directory has {space.free_bytes // 2**20} MiB free, below storage.min_free_bytes"
             )
 
     def place(self, received: Path, sop_instance_uid: str) -> StoredFile:
@@ -147,3 +147,33 @@ class ObjectStore:
         self._sync_file(staging)
         staging.replace(target)
         source.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """The data directory's file system, against ``storage.min_free_bytes``."""
+
+    path: Path
+    free_bytes: int
+    total_bytes: int
+    min_free_bytes: int
+
+    @property
+    def low(self) -> bool:
+        return self.free_bytes < self.min_free_bytes
+
+    def describe(self) -> str:
+        said = f"{_mib(self.free_bytes)} MiB free of {_mib(self.total_bytes)} MiB in {self.path.resolve()}"
+        if self.low:
+            return f"{said}: below storage.min_free_bytes ({_mib(self.min_free_bytes)} MiB)"
+        return said
+
+
+def disk_space(data_dir: Path, min_free_bytes: int) -> DiskSpace:
+    """Raises OSError when the data directory cannot be looked at."""
+    usage = shutil.disk_usage(data_dir)
+    return DiskSpace(data_dir, usage.free, usage.total, min_free_bytes)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"

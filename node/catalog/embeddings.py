@@ -101,33 +101,24 @@ class EmbeddingRecords:
 
     def by_ids(self, model_id: str, ids: Collection[int]) -> StoredEmbeddings:
         """The rows of ``model_id`` among ``ids`` (those that exist now), in id order."""
-        if not ids:
-            return _decode(model_id, [])
-        e = EMBEDDINGS.c
-        rows: list[Any] = []
-        wanted = sorted(ids)
-        with self.catalog.connection() as connection:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                rows += connection.execute(
-                    select(e.id, e.instance_pk, e.dimension, e.vector)
-                    .where(e.model_id == model_id, e.id.in_(chunk))
-                    .order_by(e.id)
-                ).all()
-        return _decode(model_id, rows)
+        return self._where_in(model_id, EMBEDDINGS.c.id, ids)
 
     def of_instances(self, model_id: str, instance_pks: Collection[int]) -> StoredEmbeddings:
         """The embeddings of ``model_id`` for the given instances (those it has), in id order."""
+        return self._where_in(model_id, EMBEDDINGS.c.instance_pk, instance_pks)
+
+    def _where_in(self, model_id: str, column: Any, values: Collection[int]) -> StoredEmbeddings:
+        """The rows of ``model_id`` whose ``column`` is among ``values``, read in chunks (the
+        database's bound on parameters), in id order."""
         e = EMBEDDINGS.c
         rows: list[Any] = []
-        wanted = sorted(instance_pks)
+        wanted = sorted(values)
         with self.catalog.connection() as connection:
             for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
                 rows += connection.execute(
-                    select(e.id, e.instance_pk, e.dimension, e.vector)
-                    .where(e.model_id == model_id, e.instance_pk.in_(chunk))
-                    .order_by(e.id)
+                    select(e.id, e.instance_pk, e.dimension, e.vector).where(
+                        e.model_id == model_id, column.in_(wanted[start : start + _IN_CHUNK])
+                    )
                 ).all()
         return _decode(model_id, sorted(rows, key=lambda row: row.id))
 
